@@ -1,0 +1,168 @@
+"""The kernel tests again on CUDA, compiled (not interpreted), at sizes the interpreter cannot reach.
+
+Skipped without a GPU ("no CUDA") and under TRITON_INTERPRET=1 (these check the compiled kernels).
+Run: TRITON_INTERPRET=0 python -m pytest -q tests/gpu/test_kernels_gpu.py
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+from ringserve.kernels import (
+    decode_attention,
+    decode_attention_ref,
+    dequantize_kv,
+    flash_attention,
+    flash_attention_ref,
+    merge_attention,
+    merge_attention_ref,
+    merge_attention_stack,
+    merge_attention_stack_ref,
+    quantize_kv,
+    quantize_kv_ref,
+)
+from ringserve.kernels._common import interpreting
+
+pytestmark = [
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"),
+    pytest.mark.skipif(interpreting(), reason="TRITON_INTERPRET=1: the GPU tests check compiled kernels; run with TRITON_INTERPRET=0"),
+]
+DEV = "cuda"
+
+
+def _rand(seed, *shapes, dtype=torch.float32):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    return [torch.randn(*s, generator=g, device=DEV).to(dtype) for s in shapes]
+
+
+def _seed(*case) -> int:
+    return zlib.crc32(repr(case).encode())
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def _check(out, lse, ref_out, ref_lse, tol):
+    torch.cuda.synchronize()
+    assert not out.isnan().any() and not lse.isnan().any()
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
+    assert (out[torch.isneginf(ref_lse)] == 0).all()
+    assert _rel(out, ref_out) < tol
+    live = torch.isfinite(ref_lse)
+    if live.any():
+        assert ((lse[live] - ref_lse[live]).abs() / (1 + ref_lse[live].abs())).max().item() < tol
+
+
+ATTN_CASES = [
+    # Tq, Tk, H, Hkv, D, causal, q_start, k_start
+    (1000, 1000, 8, 8, 128, True, 0, 0),
+    (777, 1333, 8, 2, 128, False, 0, 0),
+    (1029, 517, 16, 2, 64, True, 600, 100),
+    (300, 700, 8, 1, 128, True, 0, 200),  # first 200 rows see nothing
+    (513, 513, 4, 1, 64, True, 0, 600),  # "none" block
+    (129, 2000, 8, 2, 256, True, 1900, 0),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("Tq,Tk,H,Hkv,D,causal,q_start,k_start", ATTN_CASES)
+def test_flash_attention_cuda(Tq, Tk, H, Hkv, D, causal, q_start, k_start, dtype):
+    q, k, v = _rand(_seed(Tq, Tk, H, Hkv, D, causal), (Tq, H, D), (Tk, Hkv, D), (Tk, Hkv, D), dtype=dtype)
+    out, lse = flash_attention(q, k, v, causal=causal, q_start=q_start, k_start=k_start)
+    ref_out, ref_lse = flash_attention_ref(q, k, v, causal=causal, q_start=q_start, k_start=k_start, out_dtype=torch.float32)
+    assert out.dtype == dtype
+    _check(out.float(), lse, ref_out, ref_lse, 1e-2)
+
+
+def test_flash_attention_cuda_fp32_is_exact_ish():
+    q, k, v = _rand(1, (333, 8, 64), (444, 2, 64), (444, 2, 64))
+    out, lse = flash_attention(q, k, v, causal=True, q_start=200, k_start=0)
+    ref_out, ref_lse = flash_attention_ref(q.double(), k.double(), v.double(), causal=True, q_start=200, k_start=0)
+    _check(out, lse, ref_out, ref_lse, 1e-5)
+
+
+@pytest.mark.parametrize("backend", ["cudnn", "flash"])
+@pytest.mark.parametrize("causal,q_start,k_start", [(False, 0, 0), (True, 0, 0), (True, 128, 0), (True, 700, 0), (True, 0, 4096), (True, 100, 0)])
+def test_sdpa_backends_with_lse(backend, causal, q_start, k_start):
+    q, k, v = _rand(_seed(backend, q_start), (512, 8, 128), (640, 2, 128), (640, 2, 128), dtype=torch.bfloat16)
+    try:
+        out, lse = flash_attention(q, k, v, causal=causal, q_start=q_start, k_start=k_start, backend=backend)
+    except RuntimeError as exc:  # the op is missing from this torch build / GPU
+        pytest.skip(f"{backend} op unavailable: {exc}")
+    ref_out, ref_lse = flash_attention_ref(q, k, v, causal=causal, q_start=q_start, k_start=k_start, out_dtype=torch.float32)
+    _check(out.float(), lse, ref_out, ref_lse, 1e-2)
+
+
+@pytest.mark.parametrize("n_blocks", [2, 3, 8])
+def test_split_merge_equals_unsplit_cuda(n_blocks):
+    q, k, v = _rand(n_blocks, (300, 8, 64), (1001, 2, 64), (1001, 2, 64))
+    ref_out, ref_lse = flash_attention_ref(q.double(), k.double(), v.double(), causal=True, q_start=700)
+    bounds = torch.linspace(0, 1001, n_blocks + 1).round().long().tolist()
+    parts = [flash_attention(q, k[a:b], v[a:b], causal=True, q_start=700, k_start=a) for a, b in zip(bounds[:-1], bounds[1:])]
+    for (a, b), (o, l) in zip(zip(bounds[:-1], bounds[1:]), parts):
+        _check(o, l, *flash_attention_ref(q.double(), k[a:b].double(), v[a:b].double(), causal=True, q_start=700, k_start=a), 1e-5)
+    out, lse = parts[0][0].clone(), parts[0][1].clone()
+    for o, l in parts[1:]:
+        merge_attention(out, lse, o, l)
+    s_out, s_lse = merge_attention_stack([p[0] for p in parts], [p[1] for p in parts])
+    for o, l in ((out, lse), (s_out, s_lse)):
+        _check(o, l, ref_out, ref_lse, 1e-5)
+
+
+DECODE_CASES = [
+    # Tq, Tk, H, Hkv, kv_dtype, q_start, kv_len
+    (1, 100_003, 32, 8, torch.bfloat16, None, None),
+    (1, 65_537, 8, 8, torch.bfloat16, None, 60_000),
+    (4, 50_000, 32, 4, torch.bfloat16, 49_996, None),
+    (16, 20_000, 16, 2, torch.bfloat16, 19_990, None),  # last 6 queries' own tokens not in the cache
+    (1, 100_003, 32, 8, torch.int8, None, None),
+    (3, 30_001, 32, 4, torch.int8, 29_000, 29_500),
+    (1, 100_003, 32, 8, torch.float8_e4m3fn, None, None),
+    (8, 4_000, 64, 8, torch.float8_e4m3fn, 3_000, None),
+]
+
+
+@pytest.mark.parametrize("Tq,Tk,H,Hkv,kv_dtype,q_start,kv_len", DECODE_CASES)
+def test_decode_cuda(Tq, Tk, H, Hkv, kv_dtype, q_start, kv_len):
+    q, k, v = _rand(_seed(Tq, Tk, H, Hkv, kv_dtype), (Tq, H, 128), (Tk, Hkv, 128), (Tk, Hkv, 128), dtype=torch.bfloat16)
+    ks = vs = None
+    if kv_dtype != torch.bfloat16:
+        k, ks = quantize_kv(k, dtype=kv_dtype)
+        v, vs = quantize_kv(v, dtype=kv_dtype)
+    out, lse = decode_attention(q, k, v, k_scale=ks, v_scale=vs, q_start=q_start, kv_len=kv_len)
+    ref_out, ref_lse = decode_attention_ref(q, k, v, k_scale=ks, v_scale=vs, q_start=q_start, kv_len=kv_len, out_dtype=torch.float32)
+    _check(out.float(), lse, ref_out, ref_lse, 1e-2)
+
+
+def test_merge_cuda():
+    g = torch.Generator(device=DEV).manual_seed(5)
+    outs = torch.randn(6, 999, 8, 128, generator=g, device=DEV)
+    lses = torch.randn(6, 999, 8, generator=g, device=DEV) * 30
+    lses[:, :3] = float("-inf")
+    lses[0, 3:9] = float("-inf")
+    a, la = merge_attention(outs[0].clone(), lses[0].clone(), outs[1], lses[1])
+    ra, rla = merge_attention_ref(outs[0].clone(), lses[0].clone(), outs[1], lses[1])
+    _check(a, la, ra, rla, 1e-6)
+    s, ls = merge_attention_stack(outs, lses)
+    rs, rls = merge_attention_stack_ref(outs, lses)
+    _check(s, ls, rs, rls, 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float8_e4m3fn])
+def test_quant_cuda(dtype):
+    (x,) = _rand(9, (4097, 8, 128), dtype=torch.bfloat16)
+    x[7, 3] = 0
+    q, s = quantize_kv(x, dtype=dtype)
+    rq, rs = quantize_kv_ref(x, dtype=dtype)
+    torch.cuda.synchronize()
+    assert torch.equal(s, rs)
+    if dtype == torch.int8:
+        assert torch.equal(q, rq)
+    else:  # hardware fp8 rounding: allow a rare 1-ulp difference
+        assert (q.float() != rq.float()).float().mean().item() < 1e-3
+    y = dequantize_kv(q, s, dtype=torch.float32)
+    assert torch.equal(y, q.float() * s[..., None])
