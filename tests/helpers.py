@@ -133,3 +133,12 @@ def write_gguf(src: Path, dst: Path, *, qtype: str = "F32", arch: str = "llama")
     w.write_tensors_to_file()
     w.close()
     return dst
+
+
+# ------------------------------------------------------------------ sequence-parallel process groups
+
+def run_gloo(world: int, fn, *args, timeout: float = 600.0):
+    """fn(rank, world, *args) on `world` spawned processes joined by gloo; results by rank."""
+    from ringserve.workers.procgroup import run_group
+
+    return run_group(world, fn, *args, timeout=timeout)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from .loader import LoadedModel
 from .model import ModelConfig, Transformer
+from .ring import ShardLayout
 from .sampling import SamplingParams, sample
 
 
@@ -183,3 +184,279 @@ class Engine:
             yield tok
             logits = self.forward(cache, [tok])
         stats.decode_s = time.perf_counter() - t0
+
+
+# ------------------------------------------------------------------------------- sequence parallel
+
+
+class SessionError(KeyError):
+    """The engine holds no session by that id."""
+
+    def __str__(self):
+        return str(self.args[0]) if self.args else "unknown session"
+
+
+@dataclass
+class SessionShard:
+    """One rank's part of a session: the KV of the positions it holds, and the group-wide layout."""
+
+    cache: KVCache
+    layout: "ShardLayout"
+
+    @property
+    def length(self) -> int:  # tokens in the whole session (all ranks)
+        return self.layout.length
+
+
+class _RingPrefill:
+    """Attention function for a prefill chunk: new K/V into the local cache, then pass-KV ring."""
+
+    def __init__(self, comm, cache: KVCache, start: int, q_segs, segs_by_rank, scale: float, *,
+                 overlap: bool = True, backend: str = "auto"):
+        self.comm, self.cache, self.start, self.q_segs, self.segs, self.scale = comm, cache, start, q_segs, segs_by_rank, scale
+        self.overlap, self.backend = overlap, backend
+
+    def __call__(self, layer, q, k, v):
+        from .ring import attend_segments, ring_attention
+
+        end = self.start + q.shape[0]
+        self.cache.write(layer, self.start, k, v)
+        kk, vv = self.cache.keys(layer, end), self.cache.values(layer, end)  # (T_local, Hkv, D)
+        if self.comm is None:
+            out, _ = attend_segments(q, self.q_segs, kk, vv, self.segs[0], self.scale, self.backend)
+        else:
+            out, _ = ring_attention(self.comm, q, self.q_segs, kk, vv, self.segs, self.scale,
+                                    overlap=self.overlap, backend=self.backend)
+        return out.to(q.dtype)
+
+
+class _Replicated:
+    """Attention function for tokens every rank computes (decode, short appends): the rank stores the
+    rows it owns, attends all new queries over its shard, and the partials merge across ranks."""
+
+    def __init__(self, group, cache: KVCache, start: int, rows: torch.Tensor, q_start: int, segs, scale: float):
+        self.group, self.cache, self.start, self.rows = group, cache, start, rows
+        self.q_start, self.segs, self.scale = q_start, segs, scale
+
+    def __call__(self, layer, q, k, v):
+        from .ring import attend_segments, replicated_attention
+
+        end = self.start + self.rows.numel()
+        if self.rows.numel():
+            self.cache.write(layer, self.start, k[self.rows], v[self.rows])
+        kk, vv = self.cache.keys(layer, end), self.cache.values(layer, end)
+        if self.group is None:
+            out, _ = attend_segments(q, [(self.q_start, q.shape[0])], kk, vv, self.segs, self.scale)
+        else:
+            out = replicated_attention(self.group, q, self.q_start, kk, vv, self.segs, self.scale)
+        return out.to(q.dtype)
+
+
+class ShardEngine:
+    """The engine of one rank of a sequence-parallel group (P = 1 without a process group).
+
+    Every rank of a group calls the same methods with the same arguments in the same order (the
+    group driver fans each call out to all ranks); the ranks exchange K/V (prefill) or partial
+    attention outputs (decode) through the process group. Sampling happens on rank 0 and the token
+    is broadcast, so all ranks continue with the same token.
+
+    prefill_chunk bounds activation memory: a prompt is prefilled `prefill_chunk` tokens at a time,
+    so each rank holds the activations of at most prefill_chunk / P tokens per layer (plus its KV
+    shard and two ring buffers of one shard's K/V for one layer).
+    """
+
+    def __init__(self, loaded: LoadedModel, group=None, *, max_context: int | None = None,
+                 prefill_chunk: int = 8192, block: int = 256, timeout_s: float = 120.0,
+                 overlap: bool = True, attn_backend: str = "auto"):
+        import torch.distributed as dist
+
+        from .ring import RingComm
+
+        self.loaded, self.model, self.cfg = loaded, loaded.model, loaded.config
+        self.tokenizer = loaded.tokenizer
+        self.group = group
+        self.rank = dist.get_rank(group) if group is not None else 0
+        self.world = dist.get_world_size(group) if group is not None else 1
+        self.comm = RingComm(group, timeout_s) if group is not None and self.world > 1 else None
+        if group is not None and self.world == 1:
+            self.group = None
+        self.max_context = max_context or self.cfg.max_context
+        self.prefill_chunk, self.block = prefill_chunk, block
+        self.overlap, self.attn_backend = overlap, attn_backend  # ring overlap; kernels backend on CUDA
+        self.scale = self.cfg.head_dim ** -0.5
+        p = next(self.model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.sessions: dict[str, SessionShard] = {}
+
+    # -- sessions
+
+    def session(self, sid: str) -> SessionShard:
+        s = self.sessions.get(sid)
+        if s is None:
+            raise SessionError(f"session {sid!r} is not held by this group")
+        return s
+
+    def drop(self, sid: str) -> None:
+        self.sessions.pop(sid, None)
+
+    def _check_new(self, sess_len: int, ids: Sequence[int]):
+        if len(ids) == 0:
+            raise PromptError("the prompt is empty: give at least one token of text")
+        if sess_len + len(ids) >= self.max_context:
+            raise PromptError(f"the session would hold {sess_len + len(ids)} tokens; this group is configured "
+                              f"for at most {self.max_context} tokens including the answer")
+        bad = [i for i in ids if not 0 <= i < self.cfg.vocab_size]
+        if bad:
+            raise PromptError(f"token ids out of range [0, {self.cfg.vocab_size}): {bad[:5]}")
+
+    @torch.inference_mode()
+    def prefill(self, sid: str, ids: Sequence[int], *, progress: Callable[[int, int], None] | None = None,
+                logits: str = "last"):
+        """Create session `sid` from `ids` with chunked ring prefill. Returns the last token's logits
+        (1, V) on every rank, or with logits="all" this rank's (logits (T_local, V), positions)."""
+        from .ring import ShardLayout
+
+        if sid in self.sessions:
+            raise ValueError(f"session {sid!r} already exists")
+        self._check_new(0, ids)
+        sess = SessionShard(KVCache(self.cfg, max(16, len(ids) // self.world + 2 * self.block),
+                                    device=self.device, dtype=self.dtype), ShardLayout(self.world, self.block))
+        self.sessions[sid] = sess
+        try:
+            return self._ring_chunks(sess, ids, progress, logits)
+        except BaseException:
+            self.sessions.pop(sid, None)
+            raise
+
+    def _ring_chunks(self, sess: SessionShard, ids, progress, logits):
+        from .ring import positions_of
+
+        ids_t = torch.as_tensor(list(ids), dtype=torch.long)
+        total, done = len(ids), 0
+        last = None
+        all_logits, all_pos = [], []
+        base = sess.layout.length
+        while done < total:
+            n = min(self.prefill_chunk, total - done)
+            s = base + done
+            mine = sess.layout.add_zigzag(n)[self.rank]
+            segs = [sess.layout.segments(r) for r in range(self.world)]
+            pos = positions_of(mine)
+            cache = sess.cache
+            cache.reserve(cache.length + pos.numel())
+            attn = _RingPrefill(self.comm, cache, cache.length, mine, segs, self.scale,
+                                overlap=self.overlap, backend=self.attn_backend)
+            final = done + n == total
+            owner = sess.layout.owner(s + n - 1)
+            mode = "all" if logits == "all" else ("last" if final and owner == self.rank and pos.numel() else "none")
+            y = self.model(ids_t[pos - base].to(self.device), pos.to(self.device), attn, logits=mode, seq_len=s + n)
+            cache.length += pos.numel()
+            if logits == "all":
+                all_logits.append(y)
+                all_pos.append(pos)
+            elif final:
+                last = self._share(y if owner == self.rank else None, owner)
+            done += n
+            if progress is not None:
+                progress(done, total)
+        if logits == "all":
+            return torch.cat(all_logits), torch.cat(all_pos)
+        return last
+
+    def _share(self, logits, src: int) -> torch.Tensor:
+        """Logits (1, V) from rank `src` to every rank."""
+        if self.group is None:
+            return logits
+        import torch.distributed as dist
+
+        buf = logits.contiguous() if logits is not None else torch.empty(1, self.cfg.vocab_size, dtype=torch.float32, device=self.device)
+        dist.broadcast(buf, dist.get_global_rank(self.group, src), group=self.group)
+        return buf
+
+    @torch.inference_mode()
+    def append(self, sid: str, ids: Sequence[int], *, mode: str | None = None,
+               progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """Add `ids` after the session's tokens; returns the last token's logits (1, V) on every rank.
+        mode: "ring" (pass-KV), "replicated" (pass-Q) or None to choose by the bytes each moves."""
+        from .ring import choose_mode, positions_of
+
+        sess = self.session(sid)
+        self._check_new(sess.length, ids)
+        mode = mode or choose_mode(len(ids), sess.length, self.cfg.n_heads, self.cfg.n_kv_heads)
+        if mode == "ring":
+            return self._ring_chunks(sess, ids, progress, "last")
+        s = sess.length
+        mine = sess.layout.add_blocks(len(ids))[self.rank]
+        rows = positions_of(mine) - s
+        cache = sess.cache
+        cache.reserve(cache.length + rows.numel())
+        attn = _Replicated(self.group, cache, cache.length, rows.to(self.device), s,
+                           sess.layout.segments(self.rank), self.scale)
+        pos = torch.arange(s, s + len(ids), device=self.device)
+        y = self.model(torch.as_tensor(list(ids), dtype=torch.long, device=self.device), pos, attn,
+                       logits="last", seq_len=s + len(ids))
+        cache.length += rows.numel()
+        if progress is not None:
+            progress(len(ids), len(ids))
+        return y
+
+    def truncate(self, sid: str, length: int) -> None:
+        """Forget every token at position >= length (a turn that is not retained)."""
+        sess = self.session(sid)
+        lay = sess.layout
+        while lay.regions and lay.regions[-1].start >= length:
+            lay.regions.pop()
+        if lay.regions and lay.regions[-1].end > length:
+            if lay.regions[-1].kind != "blocks":
+                raise ValueError("can only cut back tokens added after the prefill")
+            lay.regions[-1].end = length
+        sess.cache.length = sum(n for _, n in lay.segments(self.rank))
+
+    def _pick(self, logits: torch.Tensor, params: SamplingParams, gen) -> int:
+        """Rank 0 samples; every rank gets its token."""
+        tok = sample(logits, params, gen) if self.rank == 0 else 0
+        if self.group is None:
+            return tok
+        import torch.distributed as dist
+
+        t = torch.tensor([tok], dtype=torch.long, device=self.device)
+        dist.broadcast(t, dist.get_global_rank(self.group, 0), group=self.group)
+        return int(t)
+
+    def generate(self, sid: str, ids: Sequence[int], params: SamplingParams = SamplingParams(), *,
+                 retain: bool = False, stop_ids: frozenset[int] | None = None,
+                 stats: GenerationStats | None = None) -> Iterator[int]:
+        """Append `ids` (e.g. a question) to session `sid` and yield generated tokens. Without
+        `retain`, the question and answer are forgotten afterwards (the session is as before)."""
+        import time
+
+        sess = self.session(sid)
+        stop = self.tokenizer.stop_ids if stop_ids is None else stop_ids
+        stats = stats if stats is not None else GenerationStats()
+        base = sess.length
+        # room is left for the last token, so a retained turn can keep it
+        budget = min(params.max_tokens, self.max_context - base - len(ids) - 1)
+        gen = params.generator()
+        t0 = time.perf_counter()
+        logits = self.append(sid, ids) if len(ids) else None
+        if logits is None:
+            raise PromptError("the prompt is empty: give at least one token of text")
+        stats.prompt_tokens, stats.prefill_s = len(ids), time.perf_counter() - t0
+        t0 = time.perf_counter()
+        stats.stop_reason = "length" if budget == params.max_tokens else "context"
+        try:
+            for _ in range(max(budget, 0)):
+                tok = self._pick(logits, params, gen)
+                if tok in stop:
+                    stats.stop_reason = "stop"
+                    if retain:
+                        self.append(sid, [tok], mode="replicated")
+                    break
+                stats.generated_tokens += 1
+                yield tok
+                with torch.inference_mode():
+                    logits = self.append(sid, [tok], mode="replicated")
+        finally:
+            stats.decode_s = time.perf_counter() - t0
+            if not retain and sid in self.sessions:
+                self.truncate(sid, base)

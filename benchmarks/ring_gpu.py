@@ -1,0 +1,195 @@
+"""Sequence-parallel prefill on one GPU (NCCL across several GPUs cannot be run on the machines this
+project has, so the multi-rank parts are executed as their schedule on one device).
+
+    python benchmarks/ring_gpu.py schedule [--tokens 32768 131072] [--ranks 8]
+        (a) the zigzag ring schedule of P ranks run step by step on one GPU (every rank's blocks,
+            masks and LSE merges, no communication) vs one causal kernel call on the same work.
+    python benchmarks/ring_gpu.py prefill8b [--tokens 32768 131072] [--layers 32]
+        (b) prefill of a Llama-3-8B-shaped model (random weights, 32/8 heads, D = 128) with
+            ringserve's chunked engine vs the plain PyTorch-SDPA engine, in the same run.
+    python benchmarks/ring_gpu.py long1m [--tokens 1048576] [--layers 16]
+        (c) a 1M-token chunked prefill of a Llama-3.2-1B-shaped model, then one decode step
+            against the retained 1M-token KV.
+With --layers smaller than the model's, the figure for the whole model is extrapolated linearly
+from the measured layers (attention and MLP cost the same in every layer); the output says so.
+Prints a markdown table; --json PATH writes the raw numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from ringserve.workers.model import ModelConfig, Transformer
+
+LLAMA3_8B = dict(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, intermediate_size=14336,
+                 rope_theta=500000.0)
+LLAMA32_1B = dict(vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, intermediate_size=8192,
+                  rope_theta=500000.0, tie_word_embeddings=True)
+
+
+def sync_time(fn, reps=1):
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        out = fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / reps, out
+
+
+def random_model(shape: dict, layers: int, max_len: int):
+    from ringserve.workers.loader import LoadedModel
+    from ringserve.workers.tokenizer import Tokenizer
+
+    cfg = ModelConfig(**{**shape, "n_layers": layers}, max_position_embeddings=max_len + 1024)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model = model.to_empty(device="cuda").to(torch.bfloat16)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02) if p.dim() == 2 else p.fill_(1.0)
+    if cfg.tie_word_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    from tokenizers import Tokenizer as HFTok, models
+
+    tok = Tokenizer(HFTok(models.BPE()), stop_ids=frozenset({-1}))
+    return LoadedModel(model.eval(), tok, cfg, "random", "random")
+
+
+def bench_schedule(args):
+    from ringserve.kernels import flash_attention
+    from ringserve.workers.ring import attend_segments, merge_attention, zigzag_segments
+
+    H, Hkv, D, P = 32, 8, 128, args.ranks
+    rows = []
+    for T in args.tokens:
+        g = torch.Generator(device="cuda").manual_seed(0)
+        q = torch.randn(T, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
+        k = torch.randn(T, Hkv, D, device="cuda", dtype=torch.bfloat16, generator=g)
+        v = torch.randn(T, Hkv, D, device="cuda", dtype=torch.bfloat16, generator=g)
+        segs = zigzag_segments(0, T, P)
+        idx = [torch.cat([torch.arange(p, p + n, device="cuda") for p, n in s]) for s in segs]
+        qs = [q[i] for i in idx]
+        ks = [k[i] for i in idx]
+        vs = [v[i] for i in idx]
+        flops = 4 * T * T / 2 * H * D
+        for backend in args.backends:
+            def standalone():
+                return flash_attention(q, k, v, causal=True, backend=backend)
+
+            def schedule():
+                for r in range(P):  # rank r's ring: its queries against every rank's shard, merged by LSE
+                    out = lse = None
+                    for step in range(P):
+                        src = (r - step) % P
+                        o, l = attend_segments(qs[r], segs[r], ks[src], vs[src], segs[src], D ** -0.5, backend)
+                        if out is None:
+                            out, lse = o, l
+                        else:
+                            merge_attention(out, lse, o, l)
+
+            sync_time(standalone), sync_time(schedule)  # warm-up / compile
+            t_one, _ = sync_time(standalone, 3)
+            t_sched, _ = sync_time(schedule, 3)
+            rows.append({"T": T, "P": P, "backend": backend, "standalone_tflops": flops / t_one / 1e12,
+                         "schedule_tflops": flops / t_sched / 1e12, "ratio": t_one / t_sched})
+            print(rows[-1], flush=True)
+    print("\n| tokens | P | backend | one causal call TFLOP/s | ring schedule TFLOP/s | ratio |")
+    print("|---:|---:|---|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['T']} | {r['P']} | {r['backend']} | {r['standalone_tflops']:.0f} | {r['schedule_tflops']:.0f} "
+              f"| {r['ratio']:.2f} |")
+    return rows
+
+
+def bench_prefill8b(args):
+    from ringserve.workers.engine import Engine, ShardEngine
+
+    full_layers = LLAMA3_8B["n_layers"]
+    L = args.layers
+    rows = []
+    for T in args.tokens:
+        loaded = random_model(LLAMA3_8B, L, T)
+        ids = torch.randint(0, 128000, (T,)).tolist()
+        res = {"T": T, "layers_measured": L}
+        base = Engine(loaded, prefill_chunk=T)  # plain PyTorch SDPA over the whole prompt
+        t, _ = sync_time(lambda: base.forward(base.new_cache(T), ids))
+        res["sdpa_s"] = t * full_layers / L
+        del base
+        torch.cuda.empty_cache()
+        for backend in args.backends:
+            eng = ShardEngine(loaded, None, prefill_chunk=args.chunk, attn_backend=backend)
+
+            def run():
+                eng.prefill("s", ids)
+                eng.drop("s")
+
+            t, _ = sync_time(run)
+            res[f"ringserve_{backend}_s"] = t * full_layers / L
+            del eng
+            torch.cuda.empty_cache()
+        rows.append(res)
+        print(res, flush=True)
+        del loaded
+        torch.cuda.empty_cache()
+    note = "" if args.layers == full_layers else f" (measured {args.layers} layers, x{full_layers / args.layers:g})"
+    print(f"\n| tokens | SDPA engine s{note} | " + " | ".join(f"ringserve {b} s" for b in args.backends) + " | best ratio |")
+    print("|---:|---:|" + "---:|" * len(args.backends) + "---:|")
+    for r in rows:
+        best = min(r[f"ringserve_{b}_s"] for b in args.backends)
+        print(f"| {r['T']} | {r['sdpa_s']:.2f} | " + " | ".join(f"{r[f'ringserve_{b}_s']:.2f}" for b in args.backends)
+              + f" | {r['sdpa_s'] / best:.2f}x |")
+    return rows
+
+
+def bench_long1m(args):
+    from ringserve.workers.engine import ShardEngine
+    from ringserve.workers.sampling import SamplingParams
+
+    full_layers = LLAMA32_1B["n_layers"]
+    T = args.tokens[0]
+    loaded = random_model(LLAMA32_1B, args.layers, T)
+    ids = torch.randint(0, 128000, (T,)).tolist()
+    eng = ShardEngine(loaded, None, prefill_chunk=args.chunk, attn_backend=args.backends[0])
+    done = []
+    t_pf, _ = sync_time(lambda: eng.prefill("s", ids, progress=lambda d, t: done.append(d)))
+    kv_gib = eng.session("s").cache.nbytes / 2**30
+    gen = eng.generate("s", [1], SamplingParams(max_tokens=2), stop_ids=frozenset())
+    t_dec, _ = sync_time(lambda: next(gen))  # the question token's step: prefill-free decode over 1M KV
+    t_dec2, _ = sync_time(lambda: next(gen))
+    scale = full_layers / args.layers
+    res = {"T": T, "layers_measured": args.layers, "prefill_s": t_pf * scale, "first_step_s": t_dec * scale,
+           "decode_step_s": t_dec2 * scale, "kv_gib_measured": kv_gib, "kv_gib_full": kv_gib * scale,
+           "chunks": len(done), "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    print(res)
+    note = "" if args.layers == full_layers else f" (measured {args.layers} of {full_layers} layers, scaled)"
+    print(f"\n1M-token Llama-3.2-1B-shaped prefill{note}: {res['prefill_s']:.1f} s in {len(done)} chunks; "
+          f"one decode step over the retained KV: {1000 * res['decode_step_s']:.1f} ms; KV {res['kv_gib_full']:.1f} GiB")
+    return [res]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("what", choices=["schedule", "prefill8b", "long1m"])
+    ap.add_argument("--tokens", type=int, nargs="+", default=None)
+    ap.add_argument("--ranks", type=int, default=8)
+    ap.add_argument("--layers", type=int, default=None)
+    ap.add_argument("--chunk", type=int, default=32768)
+    ap.add_argument("--backends", nargs="+", default=["auto", "cudnn"])
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    defaults = {"schedule": [32768, 131072], "prefill8b": [32768, 131072], "long1m": [1 << 20]}
+    args.tokens = args.tokens or defaults[args.what]
+    args.layers = args.layers or {"schedule": 1, "prefill8b": 32, "long1m": 16}[args.what]
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
+    rows = {"schedule": bench_schedule, "prefill8b": bench_prefill8b, "long1m": bench_long1m}[args.what](args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""A WorkerGroup of Ray actors (SP = 2, gloo) on a local Ray: same tokens as one device, clear errors."""
+
+import time
+
+import pytest
+
+from helpers import TEXT, make_tiny_llama
+from ringserve.workers.engine import Engine, PromptError, SessionError
+from ringserve.workers.loader import load_model
+from ringserve.workers.sampling import SamplingParams
+
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    p = tmp_path_factory.mktemp("tiny-group")
+    make_tiny_llama(p)
+    return str(p)
+
+
+def make_group(model, **kw):
+    from ringserve.workers.group import GroupConfig, WorkerGroup
+
+    return WorkerGroup(GroupConfig(sp=2, model=model, num_cpus_per_rank=0.5, block=8,
+                                   collective_timeout_s=20, call_timeout_s=60, **kw))
+
+
+def test_group_generates_same_tokens_as_single_device(ray_local):
+    loaded = load_model("default")
+    tok = loaded.tokenizer
+    ids = tok.encode_chat([{"role": "user", "content": TEXT[:300] + "\n\nWhat do the devices pass around?"}])
+    context, question = ids[:-9], ids[-9:]
+    ref = list(Engine(loaded).generate(ids, SamplingParams(max_tokens=32), stop_ids=frozenset()))
+    g = make_group("default")
+    try:
+        info = g.prefill("s", context)
+        assert info["length"] == len(context) and info["progress"][-1] == (len(context), len(context))
+        out = list(g.generate("s", question, SamplingParams(max_tokens=32)))
+        assert out == ref[:len(out)] and len(out) > 0  # stops at the model's own end-of-turn token
+        again = list(g.generate("s", question, SamplingParams(max_tokens=32)))
+        assert again == out  # the turn was not retained: the session is as it was
+        sizes = [s["s"]["local_tokens"] for s in g.sessions()]
+        assert sum(sizes) == len(context) and abs(sizes[0] - sizes[1]) <= 1
+    finally:
+        g.shutdown()
+
+
+def test_bad_requests_get_clear_errors_and_the_group_keeps_serving(ray_local, tiny_dir):
+    g = make_group(tiny_dir, max_context=64)
+    try:
+        tok = load_model(tiny_dir).tokenizer
+        ids = tok.encode(TEXT)
+        g.prefill("a", ids[:30])
+        with pytest.raises(SessionError, match="session 'nope' is not held by this group"):
+            list(g.generate("nope", ids[:3]))
+        with pytest.raises(PromptError, match="configured for at most 64"):
+            g.prefill("b", ids[:100])
+        assert g.healthy
+        assert len(list(g.generate("a", ids[30:33], SamplingParams(max_tokens=5), retain=True))) == 5
+        assert all(set(s) == {"a"} for s in g.sessions())  # the failed session left nothing behind
+    finally:
+        g.shutdown()
+
+
+def test_a_killed_rank_fails_the_group_quickly_instead_of_hanging(ray_local, tiny_dir):
+    from ringserve.workers.group import GroupUnhealthy
+
+    g = make_group(tiny_dir)
+    try:
+        ids = load_model(tiny_dir).tokenizer.encode(TEXT)[:40]
+        g.prefill("a", ids)
+        stream = g.generate("a", ids[:2], SamplingParams(max_tokens=200), retain=False)
+        next(stream)
+        t0 = time.monotonic()
+        ray.kill(g.ranks[1])
+        with pytest.raises(GroupUnhealthy):
+            for _ in stream:
+                pass
+        assert time.monotonic() - t0 < 45
+        assert not g.healthy
+        with pytest.raises(GroupUnhealthy, match="unhealthy"):  # later calls fail at once
+            g.prefill("b", ids)
+    finally:
+        g.shutdown()
