@@ -7,6 +7,7 @@ ring prefill and sequence-parallel decode plug in as other attention functions.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
@@ -83,6 +84,9 @@ class SingleDeviceAttention:
         vv = self.cache.v[layer, :, :end].unsqueeze(0)  # (1, Hkv, end, D)
         qq = q.transpose(0, 1).unsqueeze(0)  # (1, H, T, D)
         gqa = H != kk.shape[1]
+        if gqa and q.device.type == "cuda":  # the fused CUDA kernels want equal head counts
+            kk, vv = kk.repeat_interleave(H // kk.shape[1], 1), vv.repeat_interleave(H // vv.shape[1], 1)
+            gqa = False
         if T == 1:  # decode: the new token sees everything before it
             out = F.scaled_dot_product_attention(qq, kk, vv, enable_gqa=gqa)
         elif self.start == 0:
@@ -267,7 +271,7 @@ class ShardEngine:
 
     def __init__(self, loaded: LoadedModel, group=None, *, max_context: int | None = None,
                  prefill_chunk: int = 8192, block: int = 256, timeout_s: float = 120.0,
-                 overlap: bool = True, attn_backend: str = "auto"):
+                 overlap: bool = True, attn_backend: str = "auto", kvstore=None):
         import torch.distributed as dist
 
         from .ring import RingComm
@@ -286,18 +290,76 @@ class ShardEngine:
         self.scale = self.cfg.head_dim ** -0.5
         p = next(self.model.parameters())
         self.device, self.dtype = p.device, p.dtype
+        # Without a store, sessions live in `sessions`. With a `KVStore` (workers/kvstore.py) the store
+        # owns every retained session's KV in its tiers; `sessions` then holds only the working copy
+        # of a session while a request runs on it.
+        self.kvstore = kvstore
         self.sessions: dict[str, SessionShard] = {}
 
     # -- sessions
 
     def session(self, sid: str) -> SessionShard:
+        """This rank's part of session `sid`, promoted from the store's tiers when it has one."""
         s = self.sessions.get(sid)
-        if s is None:
-            raise SessionError(f"session {sid!r} is not held by this group")
-        return s
+        if s is not None:
+            return s
+        if self.kvstore is not None:
+            from .kvformat import KVNotFoundError
+
+            try:
+                shard = self.kvstore.get(sid)
+            except KVNotFoundError:
+                raise SessionError(f"session {sid!r} is not held by this group") from None
+            cache = KVCache(self.cfg, shard.num_tokens + 2 * self.block, device=self.device, dtype=self.dtype)
+            shard.into_cache(cache)
+            s = SessionShard(cache, ShardLayout.from_dict(shard.meta["layout"]))
+            self.sessions[sid] = s
+            return s
+        raise SessionError(f"session {sid!r} is not held by this group")
 
     def drop(self, sid: str) -> None:
+        """Forget session `sid` on this rank, on every tier."""
         self.sessions.pop(sid, None)
+        if self.kvstore is not None:
+            self.kvstore.delete(sid)
+
+    def restore(self, sid: str) -> dict:
+        """Adopt a persisted session (written by another group with the same P) from Redis."""
+        from .kvformat import KVNotFoundError
+
+        try:
+            st = self.kvstore.restore(sid)
+        except KVNotFoundError:
+            raise SessionError(f"session {sid!r} was never persisted to Redis") from None
+        return {"tier": st.tier, "tokens": st.tokens}
+
+    def _shard(self, sess: SessionShard, start: int, end: int):
+        """This rank's tokens [start, end) of storage as a KVShard for the store, with the layout."""
+        from .kvformat import KVShard
+        from .ring import positions_of
+
+        c = sess.cache
+        pos = positions_of(sess.layout.segments(self.rank))[start:end]
+        return KVShard(c.k[:, :, start:end].contiguous(), c.v[:, :, start:end].contiguous(), pos,
+                       {"layout": sess.layout.to_dict(), "length": sess.length})
+
+    @contextmanager
+    def _working(self, sid: str, *, retain: bool = True):
+        """Run a request on session `sid`: tokens it adds are kept (retain) or cut back afterwards, and
+        with a store the kept tokens are appended there and the working copy is released."""
+        sess = self.session(sid)
+        base_len, base_local = sess.length, sess.cache.length
+        ok = False
+        try:
+            yield sess
+            ok = True
+        finally:
+            if not ok or not retain:
+                self.truncate(sid, base_len)
+            if self.kvstore is not None:
+                if ok and retain and sess.cache.length > base_local:
+                    self.kvstore.append(sid, self._shard(sess, base_local, sess.cache.length))
+                self.sessions.pop(sid, None)
 
     def _check_new(self, sess_len: int, ids: Sequence[int]):
         if len(ids) == 0:
@@ -311,22 +373,31 @@ class ShardEngine:
 
     @torch.inference_mode()
     def prefill(self, sid: str, ids: Sequence[int], *, progress: Callable[[int, int], None] | None = None,
-                logits: str = "last"):
+                logits: str = "last", retention: str = "standard", persist: str = "on_demote",
+                ttl_s: float | None = None, allow_quantized: bool = False):
         """Create session `sid` from `ids` with chunked ring prefill. Returns the last token's logits
-        (1, V) on every rank, or with logits="all" this rank's (logits (T_local, V), positions)."""
-        from .ring import ShardLayout
-
-        if sid in self.sessions:
+        (1, V) on every rank, or with logits="all" this rank's (logits (T_local, V), positions).
+        With a store, the session's KV is handed to it with the retention class, persist mode
+        ("on_demote" / "write_through") and time to live given."""
+        if sid in self.sessions or (self.kvstore is not None and sid in self.kvstore.sessions()):
             raise ValueError(f"session {sid!r} already exists")
         self._check_new(0, ids)
         sess = SessionShard(KVCache(self.cfg, max(16, len(ids) // self.world + 2 * self.block),
                                     device=self.device, dtype=self.dtype), ShardLayout(self.world, self.block))
         self.sessions[sid] = sess
         try:
-            return self._ring_chunks(sess, ids, progress, logits)
+            out = self._ring_chunks(sess, ids, progress, logits)
         except BaseException:
             self.sessions.pop(sid, None)
             raise
+        if self.kvstore is not None:
+            expire_at = self.kvstore.clock() + ttl_s if ttl_s else None
+            try:
+                self.kvstore.put(sid, self._shard(sess, 0, sess.cache.length), retention=retention,
+                                 persist=persist, expire_at=expire_at, allow_quantized=allow_quantized)
+            finally:
+                self.sessions.pop(sid, None)
+        return out
 
     def _ring_chunks(self, sess: SessionShard, ids, progress, logits):
         from .ring import positions_of
@@ -373,14 +444,19 @@ class ShardEngine:
         dist.broadcast(buf, dist.get_global_rank(self.group, src), group=self.group)
         return buf
 
-    @torch.inference_mode()
     def append(self, sid: str, ids: Sequence[int], *, mode: str | None = None,
                progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
-        """Add `ids` after the session's tokens; returns the last token's logits (1, V) on every rank.
-        mode: "ring" (pass-KV), "replicated" (pass-Q) or None to choose by the bytes each moves."""
+        """Add `ids` (a turn, a document) after the session's tokens and keep them; returns the last
+        token's logits (1, V) on every rank. mode: "ring" (pass-KV), "replicated" (pass-Q) or None
+        to choose by the bytes each moves."""
+        with self._working(sid) as sess:
+            return self._append(sess, ids, mode=mode, progress=progress)
+
+    @torch.inference_mode()
+    def _append(self, sess: SessionShard, ids: Sequence[int], *, mode: str | None = None,
+                progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
         from .ring import choose_mode, positions_of
 
-        sess = self.session(sid)
         self._check_new(sess.length, ids)
         mode = mode or choose_mode(len(ids), sess.length, self.cfg.n_heads, self.cfg.n_kv_heads)
         if mode == "ring":
@@ -402,7 +478,9 @@ class ShardEngine:
 
     def truncate(self, sid: str, length: int) -> None:
         """Forget every token at position >= length (a turn that is not retained)."""
-        sess = self.session(sid)
+        sess = self.sessions.get(sid)
+        if sess is None:
+            return
         lay = sess.layout
         while lay.regions and lay.regions[-1].start >= length:
             lay.regions.pop()
@@ -430,33 +508,30 @@ class ShardEngine:
         `retain`, the question and answer are forgotten afterwards (the session is as before)."""
         import time
 
-        sess = self.session(sid)
         stop = self.tokenizer.stop_ids if stop_ids is None else stop_ids
         stats = stats if stats is not None else GenerationStats()
-        base = sess.length
-        # room is left for the last token, so a retained turn can keep it
-        budget = min(params.max_tokens, self.max_context - base - len(ids) - 1)
-        gen = params.generator()
-        t0 = time.perf_counter()
-        logits = self.append(sid, ids) if len(ids) else None
-        if logits is None:
+        if len(ids) == 0:
             raise PromptError("the prompt is empty: give at least one token of text")
-        stats.prompt_tokens, stats.prefill_s = len(ids), time.perf_counter() - t0
-        t0 = time.perf_counter()
-        stats.stop_reason = "length" if budget == params.max_tokens else "context"
-        try:
-            for _ in range(max(budget, 0)):
-                tok = self._pick(logits, params, gen)
-                if tok in stop:
-                    stats.stop_reason = "stop"
-                    if retain:
-                        self.append(sid, [tok], mode="replicated")
-                    break
-                stats.generated_tokens += 1
-                yield tok
-                with torch.inference_mode():
-                    logits = self.append(sid, [tok], mode="replicated")
-        finally:
-            stats.decode_s = time.perf_counter() - t0
-            if not retain and sid in self.sessions:
-                self.truncate(sid, base)
+        gen = params.generator()
+        with self._working(sid, retain=retain) as sess:
+            base = sess.length
+            # room is left for the last token, so a retained turn can keep it
+            budget = min(params.max_tokens, self.max_context - base - len(ids) - 1)
+            t0 = time.perf_counter()
+            logits = self._append(sess, ids)
+            stats.prompt_tokens, stats.prefill_s = len(ids), time.perf_counter() - t0
+            t0 = time.perf_counter()
+            stats.stop_reason = "length" if budget == params.max_tokens else "context"
+            try:
+                for _ in range(max(budget, 0)):
+                    tok = self._pick(logits, params, gen)
+                    if tok in stop:
+                        stats.stop_reason = "stop"
+                        if retain:
+                            self._append(sess, [tok], mode="replicated")
+                        break
+                    stats.generated_tokens += 1
+                    yield tok
+                    logits = self._append(sess, [tok], mode="replicated")
+            finally:
+                stats.decode_s = time.perf_counter() - t0

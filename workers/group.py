@@ -38,6 +38,13 @@ class GroupConfig:
     collective_timeout_s: float = 120.0  # a collective that waits longer fails the group
     call_timeout_s: float = 600.0  # the driver waits at most this long for one call on all ranks
     strategy: str = "PACK"  # placement-group strategy; STRICT_PACK keeps a group on one node
+    # KV retention tiers per rank (workers/kvstore.py); kv_device_bytes = 0 keeps sessions in the
+    # engine without a store (no tiers, nothing survives the group)
+    kv_device_bytes: int = 0
+    kv_host_bytes: int = 1 << 30
+    kv_redis_bytes: int | None = None
+    redis_url: str | None = None
+    kv_namespace: str = "sp"  # keys name "{kv_namespace}{P}-r{rank}", so a new group of the same P restores
 
 
 class ShardWorker:
@@ -76,23 +83,46 @@ class ShardWorker:
                                 rank=self.rank, world_size=self.world,
                                 timeout=datetime.timedelta(seconds=self.cfg.collective_timeout_s))
         loaded = load_model(self.cfg.model, device=self.device)
+        store = None
+        if self.cfg.kv_device_bytes:
+            from .kvpolicy import TierCapacity
+            from .kvstore import KVStore
+
+            store = KVStore(f"{self.cfg.kv_namespace}{self.world}-r{self.rank}", loaded.fingerprint,
+                            TierCapacity(self.cfg.kv_device_bytes, self.cfg.kv_host_bytes, self.cfg.kv_redis_bytes),
+                            redis_url=self.cfg.redis_url, device=self.device)
         self.engine = ShardEngine(loaded, dist.group.WORLD, max_context=self.cfg.max_context,
                                   prefill_chunk=self.cfg.prefill_chunk, block=self.cfg.block,
-                                  timeout_s=self.cfg.collective_timeout_s)
+                                  timeout_s=self.cfg.collective_timeout_s, kvstore=store)
         return {"rank": self.rank, "pid": os.getpid(), "device": self.device,
                 "backend": "nccl" if use_nccl else "gloo", "fingerprint": loaded.fingerprint,
                 "max_context": self.engine.max_context}
 
-    def prefill(self, sid: str, ids: list[int], progress_every: int = 0) -> dict:
+    def prefill(self, sid: str, ids: list[int], opts: dict | None = None) -> dict:
         events = []
-        self.engine.prefill(sid, ids, progress=lambda d, t: events.append((d, t)))
-        s = self.engine.session(sid)
-        return {"length": s.length, "local_tokens": s.cache.length, "progress": events}
+        self.engine.prefill(sid, ids, progress=lambda d, t: events.append((d, t)), **(opts or {}))
+        return {**self._describe(sid), "progress": events}
 
     def append(self, sid: str, ids: list[int]) -> dict:
         self.engine.append(sid, ids)
-        s = self.engine.session(sid)
-        return {"length": s.length, "local_tokens": s.cache.length}
+        return self._describe(sid)
+
+    def _describe(self, sid: str) -> dict:
+        st = self.engine.kvstore
+        if st is None:
+            s = self.engine.session(sid)
+            return {"length": s.length, "local_tokens": s.cache.length, "tier": "device"}
+        state = st.state(sid)
+        meta = st.meta(sid)
+        return {"length": meta.get("length", 0), "local_tokens": state.tokens, "tier": state.tier}
+
+    def restore(self, sid: str) -> dict:
+        self.engine.restore(sid)
+        return self._describe(sid)
+
+    def flush(self) -> None:
+        if self.engine.kvstore is not None:
+            self.engine.kvstore.flush()
 
     def generate(self, sid: str, ids: list[int], params: dict, retain: bool):
         """Rank 0: a generator of token ids (streamed); other ranks run along and return nothing."""
@@ -107,8 +137,11 @@ class ShardWorker:
         self.engine.drop(sid)
 
     def sessions(self) -> dict:
-        return {sid: {"length": s.length, "local_tokens": s.cache.length, "kv_bytes": s.cache.nbytes}
-                for sid, s in self.engine.sessions.items()}
+        st = self.engine.kvstore
+        if st is None:
+            return {sid: {"length": s.length, "local_tokens": s.cache.length, "kv_bytes": s.cache.nbytes}
+                    for sid, s in self.engine.sessions.items()}
+        return {sid: self._describe(sid) for sid in st.sessions()}
 
     def ping(self) -> int:
         return self.rank
@@ -181,8 +214,17 @@ class WorkerGroup:
 
     # -- the API
 
-    def prefill(self, sid: str, ids: Sequence[int]) -> dict:
-        return self._all([a.prefill.remote(sid, list(ids)) for a in self.ranks])[0]
+    def prefill(self, sid: str, ids: Sequence[int], **opts) -> dict:
+        """Create a session; opts (with a KV store): retention, persist, ttl_s, allow_quantized."""
+        return self._all([a.prefill.remote(sid, list(ids), opts) for a in self.ranks])[0]
+
+    def restore(self, sid: str) -> dict:
+        """Adopt a session persisted to Redis by another group with the same number of ranks."""
+        return self._all([a.restore.remote(sid) for a in self.ranks])[0]
+
+    def flush(self) -> None:
+        """Wait until every rank's pending write-through reached Redis."""
+        self._all([a.flush.remote() for a in self.ranks])
 
     def append(self, sid: str, ids: Sequence[int]) -> dict:
         return self._all([a.append.remote(sid, list(ids)) for a in self.ranks])[0]

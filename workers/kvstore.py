@@ -578,6 +578,11 @@ class KVStore:
             return {"namespace": self.namespace, "sessions": len(ss), "lost": sum(1 for s in ss if s.lost),
                     "moving": sum(1 for s in ss if s.moving), "tiers": tiers}
 
+    def meta(self, session_id: str) -> dict:
+        """The session's metadata (as given with its last put or append)."""
+        with self._lock:
+            return dict(self._session(session_id).meta)
+
     def sessions(self) -> list[str]:
         return list(self._sessions)
 

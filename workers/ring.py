@@ -53,7 +53,7 @@ def zigzag_segments(start: int, n: int, P: int) -> list[list[Segment]]:
     out = []
     for r in range(P):
         segs = [(bounds[i], sizes[i]) for i in (r, 2 * P - 1 - r) if sizes[i] > 0]
-        out.append(segs)
+        out.append(merge_segments(segs))  # P = 1: the two pieces touch
     return out
 
 

@@ -90,3 +90,41 @@ def test_a_killed_rank_fails_the_group_quickly_instead_of_hanging(ray_local, tin
             g.prefill("b", ids)
     finally:
         g.shutdown()
+
+
+def test_write_through_session_survives_the_loss_of_its_whole_group(ray_local, tiny_dir, redis_url):
+    """Build a session on one group (KV tiers + Redis write-through), kill every rank, restore it on
+    a fresh group from Redis and continue: the same tokens as an uninterrupted run."""
+    kv = dict(kv_device_bytes=64 << 20, kv_host_bytes=64 << 20, redis_url=redis_url)
+    tok = load_model(tiny_dir).tokenizer
+    ids = tok.encode(TEXT)
+    context, turn, question = ids[:50], ids[50:57], ids[57:61]
+    params = SamplingParams(max_tokens=12)
+
+    ref = make_group(tiny_dir)  # the uninterrupted run, no tiers
+    try:
+        ref.prefill("s", context)
+        first = list(ref.generate("s", turn, params, retain=True))
+        expected = list(ref.generate("s", question, params))
+    finally:
+        ref.shutdown()
+
+    a = make_group(tiny_dir, **kv)
+    b = None
+    try:
+        info = a.prefill("s", context, persist="write_through", ttl_s=600)
+        assert info["tier"] == "device" and info["length"] == len(context)
+        assert list(a.generate("s", turn, params, retain=True)) == first
+        a.flush()
+        for r in a.ranks:
+            ray.kill(r)
+        with pytest.raises(SessionError):  # a new group does not hold it until it restores it
+            b = make_group(tiny_dir, **kv)
+            list(b.generate("s", question, params))
+        restored = b.restore("s")
+        assert restored["length"] == len(context) + len(turn) + len(first)  # the retained turn came back too
+        assert list(b.generate("s", question, params)) == expected
+    finally:
+        a.shutdown()
+        if b is not None:
+            b.shutdown()
