@@ -44,14 +44,14 @@ redis-server:
 test: $(STAMP) redis-server
 	$(PY) -m pytest -q tests/unit tests/integration tests/gpu
 
-serve: $(STAMP)
-	$(VENV)/bin/ringserve generate --model default --max-tokens 64 "$${PROMPT:-What is the capital of France? Answer in one sentence.}"
+serve: $(STAMP) redis-server
+	$(VENV)/bin/ringserve serve --model default $(if $(PORT),--port $(PORT)) $(if $(API_KEY),--api-key $(API_KEY))
 
 bench: $(STAMP)
 	$(PY) benchmarks/generate_cpu.py
 
 proto: $(STAMP)
-	$(PY) -m grpc_tools.protoc -Iproto --python_out=proto --grpc_python_out=proto proto/ringserve/v1/*.proto
+	$(PY) scripts/gen_proto.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

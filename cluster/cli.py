@@ -36,6 +36,177 @@ def _add_generate(sub):
     p.set_defaults(func=cmd_generate)
 
 
+def _add_serve(sub):
+    p = sub.add_parser("serve", help="start a local ringserve cluster (Ray + Serve + Redis) and serve gRPC")
+    p.add_argument("--config", help="YAML cluster config (see ringserve.cluster.config.ServeConfig)")
+    p.add_argument("--port", type=int, default=None, help="gRPC port (default 50051)")
+    p.add_argument("--api-key", default=None, help="development API key (default: a random one, printed)")
+    p.add_argument("--model", default=None, help="model for every group (default: the config's, else 'default')")
+    p.add_argument("--groups", type=int, default=None, help="sequence-parallel groups (default 1)")
+    p.add_argument("--sp", type=int, default=None, help="ranks per group (default 2)")
+    p.add_argument("--redis-url", default=None, help="Redis for sessions and KV (default: start a local redis-server)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray (default: all)")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args) -> int:
+    import secrets
+    import signal
+    import threading
+    from dataclasses import replace
+
+    from ringserve.cluster.config import ApiKey, ServeConfig
+    from ringserve.cluster.serve_app import LocalRedis, start
+
+    cfg = ServeConfig.from_yaml(args.config) if args.config else ServeConfig.from_dict({
+        "group": {"sp": 2, "num_cpus_per_rank": 0.25, "kv_device_bytes": 256 << 20, "kv_host_bytes": 512 << 20}})
+    key = args.api_key or ("rs-dev-" + secrets.token_hex(12))
+    changes = {"api_keys": cfg.api_keys + (ApiKey.from_plain(key, "dev", admin=True),)}
+    if args.port:
+        changes["grpc_port"] = args.port
+    if args.groups:
+        changes["groups"] = args.groups
+    group = cfg.group
+    if args.model:
+        changes["model"] = args.model
+        group = replace(group, model=args.model)
+    if args.sp:
+        group = replace(group, sp=args.sp)
+    redis = None
+    url = args.redis_url or cfg.redis_url
+    if not url:
+        redis = LocalRedis()
+        url = redis.url
+    changes["redis_url"] = url
+    changes["group"] = replace(group, redis_url=group.redis_url or url)
+    cfg = replace(cfg, **changes)
+    try:
+        start(cfg, num_cpus=args.num_cpus)
+        print(f"ringserve is serving gRPC on localhost:{cfg.grpc_port} ({cfg.groups} group(s) of {cfg.group.sp} "
+              f"ranks, model {cfg.model}, Redis {url})")
+        print(f"development API key (tenant 'dev', admin): {key}")
+        print("try:\n"
+              "  from ringserve.client import Client\n"
+              f"  client = Client('localhost:{cfg.grpc_port}', api_key='{key}')\n"
+              "  with client.create_session('Ringserve keeps long contexts on a group of workers.', ttl='1h') as s:\n"
+              "      print(s.generate('What does ringserve keep?').text())", flush=True)
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *a: stop.set())
+        try:
+            stop.wait()
+        except KeyboardInterrupt:
+            pass
+    finally:
+        try:
+            from ray import serve
+
+            serve.shutdown()
+        except Exception:
+            pass
+        if redis is not None:
+            redis.stop()
+    return 0
+
+
+def _client_args(p):
+    p.add_argument("--address", default=None, help="gRPC address (default $RINGSERVE_ADDRESS or localhost:50051)")
+    p.add_argument("--api-key", default=None, help="API key (default $RINGSERVE_API_KEY)")
+
+
+def _add_client_commands(sub):
+    s = sub.add_parser("session", help="create, list, show, extend or delete retained sessions")
+    ss = s.add_subparsers(dest="action", required=True)
+    c = ss.add_parser("create", help="create a session from a file (prints its name)")
+    c.add_argument("--file", required=True, help="the document to retain")
+    c.add_argument("--ttl", default="1h", help="lifetime, e.g. 90s, 30m, 2h, 1d (default 1h)")
+    c.add_argument("--retention", default="standard", choices=["hot", "standard", "cold"])
+    c.add_argument("--persist", default="on_demote", choices=["on_demote", "write_through"])
+    c.add_argument("--name", default="", help="display name")
+    for name, hlp in (("list", "list your sessions"), ("get", "show one session"), ("delete", "delete a session")):
+        q = ss.add_parser(name, help=hlp)
+        if name != "list":
+            q.add_argument("session")
+    e = ss.add_parser("extend", help="set a session's time to live from now")
+    e.add_argument("session")
+    e.add_argument("--ttl", required=True)
+    for q in [c, e] + [ss.choices[n] for n in ("list", "get", "delete")]:
+        _client_args(q)
+    s.set_defaults(func=cmd_session)
+    a = sub.add_parser("ask", help="ask a question against a session (streams the answer)")
+    a.add_argument("session")
+    a.add_argument("question")
+    a.add_argument("--max-tokens", type=int, default=256)
+    a.add_argument("--temperature", type=float, default=0.0)
+    a.add_argument("--retain", action="store_true", help="keep the question and answer in the session")
+    _client_args(a)
+    a.set_defaults(func=cmd_ask)
+    st = sub.add_parser("status", help="worker groups, ranks, memory per tier, sessions (admin key)")
+    _client_args(st)
+    st.set_defaults(func=cmd_status)
+
+
+def _client(args):
+    import os
+
+    from ringserve.client import Client
+
+    return Client(args.address or os.environ.get("RINGSERVE_ADDRESS", "localhost:50051"),
+                  api_key=args.api_key or os.environ.get("RINGSERVE_API_KEY"))
+
+
+def _show(s) -> str:
+    exp = s.expire_time.strftime("%Y-%m-%d %H:%M:%S UTC") if s.expire_time else "-"
+    return f"{s.name}  {s.size_tokens:>9} tok  {s.tier:<6} {s.retention:<8} group {s.group or '-':<8} expires {exp}"
+
+
+def cmd_session(args) -> int:
+    with _client(args) as c:
+        if args.action == "create":
+            with open(args.file, encoding="utf-8") as f:
+                text = f.read()
+            s = c.create_session(text, ttl=args.ttl, retention=args.retention, persist=args.persist,
+                                 display_name=args.name, progress=True)
+            print(_show(s))
+        elif args.action == "list":
+            for s in c.list_sessions():
+                print(_show(s))
+        elif args.action == "get":
+            print(_show(c.get_session(args.session)))
+        elif args.action == "extend":
+            s = c.get_session(args.session)
+            s.extend(ttl=args.ttl)
+            print(_show(s))
+        elif args.action == "delete":
+            c.get_session(args.session).delete()
+            print(f"deleted {args.session}")
+    return 0
+
+
+def cmd_ask(args) -> int:
+    with _client(args) as c:
+        g = c.get_session(args.session).generate(args.question, max_tokens=args.max_tokens,
+                                                 temperature=args.temperature, retain_turn=args.retain)
+        for delta in g:
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+        print()
+    return 0
+
+
+def cmd_status(args) -> int:
+    with _client(args) as c:
+        st = c.status()
+    print(f"{st.sessions} session(s)")
+    print(f"{'group':<10} {'healthy':<8} {'ranks':<22} {'sessions':>8} {'hbm MiB':>9} {'host MiB':>9} "
+          f"{'redis MiB':>9} {'free hbm MiB':>12}")
+    for g in st.groups:
+        ranks = ",".join(f"{r.rank}:{r.device}{'' if r.healthy else '!'}" for r in g.ranks)
+        mib = {k: v / 2**20 for k, v in g.kv_bytes.items()}
+        print(f"{g.id:<10} {str(g.healthy):<8} {ranks:<22} {g.sessions:>8} {mib.get('hbm', 0):>9.1f} "
+              f"{mib.get('host', 0):>9.1f} {mib.get('redis', 0):>9.1f} {g.free_kv_bytes / 2**20:>12.1f}")
+    return 0
+
+
 def build_messages(prompt: str, document: str | None) -> list[dict]:
     """The document and the question as one user message: the form SmolLM2 answers best (ANCHORS.md)."""
     content = f"{document}\n\n{prompt}" if document else prompt
@@ -126,7 +297,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ringserve", description="ringserve: long-context LLM serving")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
+    _add_serve(sub)
+    _add_client_commands(sub)
     args = parser.parse_args(argv)
+    if args.command in ("session", "ask", "status"):  # the SDK only: no torch, no ray
+        from ringserve.client import RingServeError
+
+        try:
+            return args.func(args)
+        except (RingServeError, ValueError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     from ringserve.workers.engine import PromptError, SessionError
     from ringserve.workers.group import GroupUnhealthy
     from ringserve.workers.loader import ModelLoadError

@@ -142,3 +142,9 @@ def run_gloo(world: int, fn, *args, timeout: float = 600.0):
     from ringserve.workers.procgroup import run_group
 
     return run_group(world, fn, *args, timeout=timeout)
+
+
+def free_port_here() -> int:
+    from ringserve.workers.procgroup import free_port
+
+    return free_port()

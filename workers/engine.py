@@ -321,7 +321,12 @@ class ShardEngine:
         """Forget session `sid` on this rank, on every tier."""
         self.sessions.pop(sid, None)
         if self.kvstore is not None:
-            self.kvstore.delete(sid)
+            from .kvformat import KVNotFoundError
+
+            try:
+                self.kvstore.delete(sid)
+            except KVNotFoundError:
+                pass
 
     def restore(self, sid: str) -> dict:
         """Adopt a persisted session (written by another group with the same P) from Redis."""

@@ -112,8 +112,14 @@ class ShardWorker:
         if st is None:
             s = self.engine.session(sid)
             return {"length": s.length, "local_tokens": s.cache.length, "tier": "device"}
-        state = st.state(sid)
-        meta = st.meta(sid)
+        from .engine import SessionError
+        from .kvformat import KVNotFoundError
+
+        try:
+            state = st.state(sid)
+            meta = st.meta(sid)
+        except KVNotFoundError:
+            raise SessionError(f"session {sid!r} is not held by this group") from None
         return {"length": meta.get("length", 0), "local_tokens": state.tokens, "tier": state.tier}
 
     def restore(self, sid: str) -> dict:
@@ -142,6 +148,26 @@ class ShardWorker:
             return {sid: {"length": s.length, "local_tokens": s.cache.length, "kv_bytes": s.cache.nbytes}
                     for sid, s in self.engine.sessions.items()}
         return {sid: self._describe(sid) for sid in st.sessions()}
+
+    def stats(self) -> dict:
+        st = self.engine.kvstore
+        base = {"rank": self.rank, "device": self.device}
+        if st is None:
+            used = sum(s.cache.nbytes for s in self.engine.sessions.values())
+            return {**base, "sessions": len(self.engine.sessions), "bytes": {"hbm": used}, "free_device": 0}
+        s = st.stats()
+        t = s["tiers"]
+        return {**base, "sessions": s["sessions"],
+                "bytes": {"hbm": t["device"]["bytes"], "host": t["host"]["bytes"], "redis": t["redis"]["bytes"]},
+                "free_device": max(0, t["device"]["capacity"] - t["device"]["bytes"])}
+
+    def set_ttl(self, sid: str, ttl_s: float | None) -> None:
+        st = self.engine.kvstore
+        if st is not None:
+            st.set_expiry(sid, st.clock() + ttl_s if ttl_s else None)
+
+    def tier(self, sid: str) -> dict:
+        return self._describe(sid)
 
     def ping(self) -> int:
         return self.rank
@@ -256,6 +282,17 @@ class WorkerGroup:
 
     def sessions(self) -> list[dict]:
         return self._all([a.sessions.remote() for a in self.ranks])
+
+    def stats(self) -> list[dict]:
+        """Per rank: sessions, bytes per tier, free device-tier bytes."""
+        return self._all([a.stats.remote() for a in self.ranks])
+
+    def set_ttl(self, sid: str, ttl_s: float | None) -> None:
+        self._all([a.set_ttl.remote(sid, ttl_s) for a in self.ranks])
+
+    def describe(self, sid: str) -> dict:
+        """Length, tier and this session's token count on rank 0."""
+        return self._all([a.tier.remote(sid) for a in self.ranks])[0]
 
     def check_health(self, timeout_s: float = 10.0) -> bool:
         import ray

@@ -367,3 +367,36 @@ def _fingerprint(path: Path, cfg: ModelConfig) -> str:
             h.update(fh.read(1 << 20))
         h.update(str(size).encode())
     return h.hexdigest()[:16]
+
+
+def load_tokenizer(spec: str | os.PathLike = "default") -> Tokenizer:
+    """Only the tokenizer (and chat template) of a model, without reading its weights."""
+    path = default_model_path() if str(spec) == "default" else Path(spec).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"model path {str(path)!r} does not exist")
+    if path.is_dir():
+        return _hf_tokenizer(path)
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except (ValueError, OSError) as e:
+        raise ModelLoadError(f"{path} is not a readable GGUF file: {e}") from e
+    return _gguf_tokenizer(reader, path)
+
+
+def model_max_context(spec: str | os.PathLike = "default") -> int:
+    """The model's context limit in tokens (trained length times RoPE scaling), without the weights."""
+    path = default_model_path() if str(spec) == "default" else Path(spec).expanduser()
+    if path.is_dir():
+        return config_from_hf(json.loads((path / "config.json").read_text())).max_context
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    arch = _gguf_field(reader, "general.architecture")
+    n = int(_gguf_field(reader, f"{arch}.context_length", 2048))
+    factor = _gguf_field(reader, f"{arch}.rope.scaling.factor")
+    orig = _gguf_field(reader, f"{arch}.rope.scaling.original_context_length")
+    if factor and float(factor) > 1:
+        n = max(n, int((orig or n) * float(factor)))
+    return n

@@ -91,6 +91,17 @@ class Tokenizer:
         # the template writes the BOS token itself where the model wants one
         return self.encode(text, add_bos=False)
 
+    def encode_turn(self, messages: Sequence[dict], *, add_generation_prompt: bool = True) -> list[int]:
+        """Tokens of `messages` as a continuation of a conversation already in a session: rendered
+        after a placeholder turn and cut after it, so the template's default system prompt (which
+        it adds to a conversation's first turn) is not repeated."""
+        head = [{"role": "user", "content": "\u2063"}]
+        before = self.render_chat(head, add_generation_prompt=False)
+        full = self.render_chat(head + list(messages), add_generation_prompt=add_generation_prompt)
+        if not full.startswith(before):  # a template that is not prefix-stable: render the turn alone
+            return self.encode_chat(messages, add_generation_prompt=add_generation_prompt)
+        return self.encode(full[len(before):], add_bos=False)
+
     def stream(self) -> "StreamDecoder":
         return StreamDecoder(self)
 

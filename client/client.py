@@ -1,0 +1,102 @@
+"""The blocking client."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from datetime import datetime
+from typing import Any
+
+import grpc
+
+from ringserve.proto.ringserve.v1 import ringserve_pb2 as pb
+
+from . import _wire
+from ._progress import ProgressArg
+from ._transport import CallSettings, SyncTransport
+from .session import Session, SessionEvents
+
+
+class Client:
+    """A connection to a ringserve gateway.
+
+    Args:
+        address: "host:port" of the gRPC endpoint.
+        api_key: sent as ``authorization: Bearer <api_key>`` on every call.
+        timeout: seconds for each unary call, retries included.
+        stream_timeout: seconds for each streaming call (create, append, generate), retries included.
+        retries: retries after a first attempt that failed with UNAVAILABLE (nothing else is
+            retried); backoff is exponential with full jitter, base 0.2 s, cap 5 s.
+        secure: use TLS with the system's root certificates.
+        credentials: explicit ``grpc.ChannelCredentials`` (implies TLS).
+
+    Use it as a context manager, or call :meth:`close`.
+    """
+
+    def __init__(self, address: str, api_key: str | None = None, *, timeout: float = 30.0,
+                 stream_timeout: float = 3600.0, retries: int = 4, secure: bool = False,
+                 credentials: grpc.ChannelCredentials | None = None):
+        settings = CallSettings.make(api_key, timeout, stream_timeout, retries)
+        self._transport = SyncTransport(address, settings, secure=secure, credentials=credentials)
+
+    def create_session(self, text: str | None = None, *, tokens: Iterable[int] | None = None,
+                       messages: _wire.Messages | None = None, ttl: _wire.TTL | None = None,
+                       expire_time: datetime | None = None, retention: str = "standard",
+                       persist: str = "on_demote", display_name: str = "",
+                       allow_quantized_kv: bool = False, request_id: str | None = None,
+                       progress: ProgressArg = False) -> Session:
+        """Prefill a context (exactly one of text / tokens / messages) and retain it.
+
+        Args:
+            ttl: how long to keep it: "90s", "30m", "2h", "1d", "1h30m", a timedelta or seconds.
+                Neither ttl nor expire_time: the server's default (1 hour).
+            expire_time: an aware datetime at which it is deleted (instead of ttl).
+            retention: "hot", "standard" or "cold".
+            persist: "on_demote" or "write_through" (survives the loss of its worker group).
+            request_id: idempotency key; a fresh uuid4 by default, reused by retries so a retry
+                cannot create a second session.
+            progress: True draws a progress bar on stderr; a callable gets (tokens_done, tokens_total).
+
+        Returns when the server sends the created Session (prefill done).
+        """
+        request = _wire.create_request(
+            text, tokens, messages, ttl=ttl, expire_time=expire_time, retention=retention,
+            persist=persist, display_name=display_name, allow_quantized_kv=allow_quantized_kv,
+            request_id=request_id)
+        events = SessionEvents(progress, "prefill")
+        try:
+            for event in self._transport.stream("CreateSession", request):
+                events.feed(event)
+        finally:
+            events.close()
+        return Session(events.result("CreateSession"), self._transport)
+
+    def get_session(self, name_or_id: str) -> Session:
+        """The session named 'sessions/s-…' or 's-…'."""
+        request = pb.GetSessionRequest(name=_wire.session_name(name_or_id))
+        return Session(self._transport.unary("GetSession", request), self._transport)
+
+    def list_sessions(self, page_size: int = 50) -> Iterator[Session]:
+        """All of the caller's sessions, newest first; pages (of ``page_size``) are fetched as you iterate."""
+        token = ""
+        while True:
+            page = self._transport.unary("ListSessions", pb.ListSessionsRequest(page_size=page_size, page_token=token))
+            for message in page.sessions:
+                yield Session(message, self._transport)
+            token = page.next_page_token
+            if not token:
+                return
+
+    def status(self) -> pb.StatusResponse:
+        """Cluster status (admin keys only): the ``ringserve.v1.StatusResponse`` message itself,
+        i.e. ``.groups`` (id, ranks, sessions, kv_bytes per tier, free_kv_bytes, healthy) and
+        ``.sessions``; see ringserve.proto for the fields and their units."""
+        return self._transport.unary("Status", pb.StatusRequest())
+
+    def close(self) -> None:
+        self._transport.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()

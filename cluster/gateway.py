@@ -1,0 +1,516 @@
+"""The `Gateway` ingress deployment: the ringserve.v1.RingServe gRPC service on Serve's gRPC proxy.
+
+Authenticates (`authorization: Bearer <key>`, keys stored hashed), validates, keeps the session
+registry in Redis, tokenizes and detokenizes, and forwards work to the session's
+`SequenceParallelGroup` deployment. Method names equal the RPC names (Serve's gRPC contract);
+each returns the response message, or yields them for streaming RPCs. Errors set a gRPC status
+code and a readable message on `grpc_context` and the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import threading
+import time
+
+import grpc
+from google.protobuf import empty_pb2
+from ray import serve
+
+from ringserve.proto.ringserve.v1 import ringserve_pb2 as pb
+
+from .config import ServeConfig, hash_key
+from .registry import LimitExceeded, Registry, SessionRecord, new_session_id
+
+log = logging.getLogger("ringserve.gateway")
+
+NAME_RE = re.compile(r"^(?:sessions/)?(s-[0-9a-f]{16})$")
+ROLES = ("system", "user", "assistant")
+TIER_ENUM = {"device": pb.HBM, "hbm": pb.HBM, "host": pb.HOST, "redis": pb.REDIS, "moving": pb.MOVING,
+             "lost": pb.LOST}
+RETENTION = {pb.RETENTION_CLASS_UNSPECIFIED: "standard", pb.HOT: "hot", pb.STANDARD: "standard", pb.COLD: "cold"}
+RETENTION_ENUM = {"hot": pb.HOT, "standard": pb.STANDARD, "cold": pb.COLD}
+PERSIST = {pb.PERSIST_MODE_UNSPECIFIED: "on_demote", pb.ON_DEMOTE: "on_demote", pb.WRITE_THROUGH: "write_through"}
+PERSIST_ENUM = {"on_demote": pb.ON_DEMOTE, "write_through": pb.WRITE_THROUGH}
+
+
+class RpcError(Exception):
+    """Ends a request with a gRPC status code and message."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(code, message)
+        self.code, self.message = code, message
+
+    def __str__(self):
+        return self.message
+
+
+def _cause(e: BaseException) -> BaseException:
+    """The user-level exception inside a Ray task error."""
+    return getattr(e, "cause", None) or e
+
+
+def _ts(t: float):
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    ts = Timestamp()
+    ts.FromNanoseconds(int(t * 1e9))
+    return ts
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
+class Gateway:
+    def __init__(self, cfg: dict, *groups):
+        from ringserve.workers.loader import load_tokenizer
+
+        self.cfg = ServeConfig.from_dict(cfg)
+        self.registry = Registry(self.cfg.redis_url)
+        self.tok = load_tokenizer(self.cfg.model)
+        self.keys = {k.sha256: k for k in self.cfg.api_keys}
+        self.groups = {h.deployment_name: h for h in groups}
+        self.max_context = self.cfg.group.max_context or 0  # 0: learnt from the first group
+        self._stop = threading.Event()
+        threading.Thread(target=self._sweep_loop, name="ringserve-expiry", daemon=True).start()
+
+    # ------------------------------------------------------------------------------ plumbing
+
+    def _auth(self, ctx) -> tuple[str, bool]:
+        md = dict(ctx.invocation_metadata()) if ctx is not None else {}
+        value = md.get("authorization", "")
+        if not value:
+            raise RpcError(grpc.StatusCode.UNAUTHENTICATED,
+                           "missing API key: send metadata 'authorization: Bearer <api key>'")
+        if not value.startswith("Bearer ") or not value[7:].strip():
+            raise RpcError(grpc.StatusCode.UNAUTHENTICATED, "malformed authorization: use 'Bearer <api key>'")
+        key = self.keys.get(hash_key(value[7:].strip()))
+        if key is None:
+            raise RpcError(grpc.StatusCode.UNAUTHENTICATED, "unknown API key")
+        return key.tenant, key.admin
+
+    @staticmethod
+    def _fail(ctx, e: BaseException):
+        """Set the status for `e` on the gRPC context and end the call."""
+        if isinstance(e, RpcError):
+            code, msg = e.code, e.message
+        else:
+            code, msg = _status_of(_cause(e))
+            if code == grpc.StatusCode.INTERNAL:
+                log.exception("internal error", exc_info=e)
+        if ctx is not None:
+            ctx.set_code(code)
+            ctx.set_details(msg)
+        # Serve turns an exception raised after set_code into that status (streams included)
+        raise RuntimeError(msg) from None
+
+    def _record(self, name: str, tenant: str) -> SessionRecord:
+        m = NAME_RE.match(name or "")
+        if not m:
+            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"session name {name!r} is malformed: expected 'sessions/s-' followed by 16 hex digits")
+        rec = self.registry.get(m.group(1))
+        if rec is None or rec.tenant != tenant:  # another tenant's session does not exist for you
+            raise RpcError(grpc.StatusCode.NOT_FOUND, f"session {m.group(1)} not found")
+        if rec.expire_time <= time.time():
+            self._delete(rec)
+            raise RpcError(grpc.StatusCode.NOT_FOUND, f"session {rec.id} expired at "
+                           f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(rec.expire_time))} and was deleted")
+        if rec.state != "ready":
+            raise RpcError(grpc.StatusCode.FAILED_PRECONDITION, f"session {rec.id} is still being created; retry shortly")
+        return rec
+
+    def _ids(self, which: str, req, *, first: bool, generation: bool = False) -> list[int]:
+        """Token ids of a text / token_ids / messages oneof. Text is one user turn and messages are
+        turns, both rendered with the model's chat template: as the start of a conversation for a
+        new session (`first`), else as its continuation. Token ids go in as they are."""
+        if which == "text":
+            if not req.text.strip():
+                raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "text is empty")
+            msgs = [{"role": "user", "content": req.text}]
+            if first:
+                return self.tok.encode_chat(msgs, add_generation_prompt=generation)
+            return self.tok.encode_turn(msgs, add_generation_prompt=generation)
+        if which == "token_ids":
+            ids = list(req.token_ids.ids)
+            if not ids:
+                raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "token_ids is empty")
+            bad = [i for i in ids if not 0 <= i < self.tok.vocab_size]
+            if bad:
+                raise RpcError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"token ids out of the vocabulary [0, {self.tok.vocab_size}): {bad[:5]}")
+            return ids
+        if which == "messages":
+            msgs = [{"role": m.role, "content": m.content} for m in req.messages.messages]
+            if not msgs:
+                raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "messages is empty")
+            for m in msgs:
+                if m["role"] not in ROLES:
+                    raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"message role {m['role']!r} is not one of {ROLES}")
+                if not m["content"].strip():
+                    raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "a message has empty content")
+            if first:
+                return self.tok.encode_chat(msgs, add_generation_prompt=generation)
+            return self.tok.encode_turn(msgs, add_generation_prompt=generation)
+        raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "give the content as text, token_ids or messages")
+
+    async def _limit(self) -> int:
+        """Most tokens a session may hold (prompt + answers)."""
+        if not self.max_context:
+            from ringserve.workers.loader import model_max_context
+
+            self.max_context = model_max_context(self.cfg.model)
+        return min(self.cfg.max_prompt_tokens or self.max_context, self.max_context)
+
+    def _session_pb(self, rec: SessionRecord, tier: str | None = None) -> pb.Session:
+        s = pb.Session(name=f"sessions/{rec.id}", display_name=rec.display_name, tenant=rec.tenant,
+                       size_tokens=rec.size_tokens, retention=RETENTION_ENUM.get(rec.retention, pb.STANDARD),
+                       persist=PERSIST_ENUM.get(rec.persist, pb.ON_DEMOTE), create_time=_ts(rec.create_time),
+                       expire_time=_ts(rec.expire_time), update_time=_ts(rec.update_time), group=rec.group,
+                       kv_bytes=rec.kv_bytes, allow_quantized_kv=rec.allow_quantized_kv)
+        if tier:
+            s.tier = TIER_ENUM.get(tier, pb.TIER_UNSPECIFIED)
+        return s
+
+    async def _pick_group(self) -> str:
+        caps = await asyncio.gather(*(h.capacity.remote() for h in self.groups.values()), return_exceptions=True)
+        ok = [c for c in caps if isinstance(c, dict) and c.get("healthy")]
+        if not ok:
+            raise RpcError(grpc.StatusCode.UNAVAILABLE, "no healthy worker group; retry shortly")
+        return max(ok, key=lambda c: (c["free_kv_bytes"], -c["sessions"]))["group"]
+
+    def _delete(self, rec: SessionRecord):
+        h = self.groups.get(rec.group)
+        if h is not None:
+            try:
+                h.delete.remote(rec.id).result(timeout_s=60)
+            except Exception as e:  # the KV also expires by its own TTL
+                log.warning("could not free %s on %s: %s", rec.id, rec.group, e)
+        self.registry.delete(rec)
+
+    def _sweep_loop(self):
+        while not self._stop.wait(self.cfg.sweep_interval_s):
+            try:
+                for rec in self.registry.expired(time.time()):
+                    self._delete(rec)
+            except Exception as e:  # Redis down: try again next round
+                log.warning("expiry sweep failed: %s", e)
+
+    async def _on_group(self, rec: SessionRecord, call):
+        """Run call(handle) on the session's group; if the group no longer holds it (its replica was
+        restarted), restore it from Redis — on that group, else on another — and run it again."""
+        from ringserve.workers.engine import SessionError
+
+        try:
+            return await call(self.groups[rec.group])
+        except Exception as e:
+            if not isinstance(_cause(e), SessionError):
+                raise
+        await self._restore(rec)
+        return await call(self.groups[rec.group])
+
+    async def _restore(self, rec: SessionRecord):
+        from ringserve.workers.engine import SessionError
+
+        order = [rec.group] + [g for g in self.groups if g != rec.group]
+        last = None
+        for gid in order:
+            try:
+                await self.groups[gid].restore.remote(rec.id)
+            except Exception as e:
+                last = _cause(e)
+                if isinstance(last, SessionError):  # never persisted: nothing to restore anywhere
+                    break
+                continue
+            if gid != rec.group:
+                rec.group = gid
+                self.registry.put(rec)
+            return
+        self.registry.delete(rec)
+        raise RpcError(grpc.StatusCode.DATA_LOSS,
+                       f"session {rec.id} was lost with its worker group and has no copy in Redis "
+                       f"(persist mode {rec.persist}); create it again ({last})")
+
+    # ------------------------------------------------------------------------------ the RPCs
+
+    async def CreateSession(self, request: pb.CreateSessionRequest, grpc_context=None):
+        try:
+            tenant, _ = self._auth(grpc_context)
+            ids = self._ids(request.WhichOneof("content") or "", request, first=True)
+            limit = await self._limit()
+            if len(ids) >= limit:
+                raise RpcError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"the content has {len(ids)} tokens; sessions hold at most {limit - 1}")
+            now = time.time()
+            ttl = self._ttl(request, now)
+            rec = SessionRecord(new_session_id(), tenant, "", len(ids), now, now + ttl, now,
+                                retention=RETENTION[request.retention], persist=PERSIST[request.persist],
+                                display_name=request.display_name[:256],
+                                allow_quantized_kv=request.allow_quantized_kv)
+            rec.group = await self._pick_group()
+            created = self.registry.create(rec, max_sessions=self.cfg.limits.max_sessions,
+                                           max_tokens=self.cfg.limits.max_tokens, request_id=request.request_id)
+            if created.id != rec.id:  # an idempotent retry: the session exists already
+                yield pb.CreateSessionEvent(session=self._session_pb(created))
+                return
+            opts = {"retention": rec.retention, "persist": rec.persist, "ttl_s": ttl,
+                    "allow_quantized": rec.allow_quantized_kv}
+            handle = self.groups[rec.group].options(stream=True)
+            try:
+                async for ev in handle.create.remote(rec.id, ids, opts, self.cfg.progress_chunk):
+                    if "progress" in ev:
+                        d, t = ev["progress"]
+                        yield pb.CreateSessionEvent(progress=pb.Progress(tokens_done=d, tokens_total=t))
+                    else:
+                        info = ev["session"]
+            except BaseException:
+                self.registry.delete(rec)
+                raise
+            rec.state, rec.update_time = "ready", time.time()
+            self.registry.put(rec)
+            yield pb.CreateSessionEvent(session=self._session_pb(rec, info.get("tier")))
+        except Exception as e:
+            self._fail(grpc_context, e)
+
+    def _ttl(self, request, now: float) -> float:
+        which = request.WhichOneof("expiration")
+        if which == "ttl":
+            ttl = request.ttl.ToTimedelta().total_seconds()
+        elif which == "expire_time":
+            ttl = request.expire_time.ToDatetime().timestamp() - now
+            if request.expire_time.ToNanoseconds() / 1e9 <= now:
+                raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "expire_time is in the past")
+        else:
+            ttl = self.cfg.default_ttl_s
+        if ttl <= 0:
+            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"ttl must be positive, got {ttl:g} s")
+        if ttl > self.cfg.max_ttl_s:
+            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"ttl {ttl:g} s exceeds the maximum of {self.cfg.max_ttl_s:g} s")
+        return ttl
+
+    async def GetSession(self, request: pb.GetSessionRequest, grpc_context=None):
+        try:
+            tenant, _ = self._auth(grpc_context)
+            rec = self._record(request.name, tenant)
+            try:
+                info = await asyncio.wait_for(self._on_group(rec, lambda h: h.describe.remote(rec.id)), 30)
+                tier = info.get("tier")
+            except asyncio.TimeoutError:
+                tier = None
+            return self._session_pb(rec, tier)
+        except Exception as e:
+            self._fail(grpc_context, e)
+
+    async def ListSessions(self, request: pb.ListSessionsRequest, grpc_context=None):
+        try:
+            tenant, _ = self._auth(grpc_context)
+            size = request.page_size or 50
+            if not 1 <= size <= 1000:
+                raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"page_size must be within 1..1000, got {size}")
+            try:
+                offset = int(request.page_token or "0")
+            except ValueError:
+                raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "page_token is not one this server issued") from None
+            recs, more = self.registry.list(tenant, offset=offset, count=size)
+            return pb.ListSessionsResponse(sessions=[self._session_pb(r) for r in recs],
+                                           next_page_token=str(offset + size) if more else "")
+        except Exception as e:
+            self._fail(grpc_context, e)
+
+    async def UpdateSession(self, request: pb.UpdateSessionRequest, grpc_context=None):
+        try:
+            tenant, _ = self._auth(grpc_context)
+            rec = self._record(request.session.name, tenant)
+            paths = list(request.update_mask.paths)
+            if not paths:
+                raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "update_mask is empty: name the fields to change")
+            now = time.time()
+            for p in paths:
+                if p == "ttl":
+                    ttl = request.session.ttl.ToTimedelta().total_seconds()
+                    if not 0 < ttl <= self.cfg.max_ttl_s:
+                        raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"ttl must be within (0, {self.cfg.max_ttl_s:g}] s")
+                    rec.expire_time = now + ttl
+                elif p == "expire_time":
+                    t = request.session.expire_time.ToNanoseconds() / 1e9
+                    if not now < t <= now + self.cfg.max_ttl_s:
+                        raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "expire_time must be in the future, within max_ttl")
+                    rec.expire_time = t
+                elif p == "retention":
+                    rec.retention = RETENTION[request.session.retention]
+                else:
+                    raise RpcError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"field {p!r} cannot be updated; updatable: ttl, expire_time, retention")
+            rec.update_time = now
+            await self._on_group(rec, lambda h: h.set_ttl.remote(rec.id, rec.expire_time - now))
+            self.registry.put(rec)
+            return self._session_pb(rec)
+        except Exception as e:
+            self._fail(grpc_context, e)
+
+    async def DeleteSession(self, request: pb.DeleteSessionRequest, grpc_context=None):
+        try:
+            tenant, _ = self._auth(grpc_context)
+            rec = self._record(request.name, tenant)
+            await asyncio.get_running_loop().run_in_executor(None, self._delete, rec)
+        except Exception as e:
+            self._fail(grpc_context, e)
+        return empty_pb2.Empty()
+
+    async def AppendToSession(self, request: pb.AppendToSessionRequest, grpc_context=None):
+        try:
+            tenant, _ = self._auth(grpc_context)
+            rec = self._record(request.name, tenant)
+            ids = self._ids(request.WhichOneof("content") or "", request, first=False)
+            limit = await self._limit()
+            if rec.size_tokens + len(ids) >= limit:
+                raise RpcError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"session {rec.id} holds {rec.size_tokens} tokens; {len(ids)} more exceed its limit of {limit - 1}")
+            info = {}
+
+            async def run(h):
+                out = []
+                async for ev in h.options(stream=True).append.remote(rec.id, ids, self.cfg.progress_chunk):
+                    out.append(ev)
+                return out
+
+            for ev in await self._on_group(rec, run):
+                if "progress" in ev:
+                    d, t = ev["progress"]
+                    yield pb.CreateSessionEvent(progress=pb.Progress(tokens_done=d, tokens_total=t))
+                else:
+                    info = ev["session"]
+            delta = len(ids)
+            rec.size_tokens += delta
+            rec.update_time = time.time()
+            self.registry.put(rec, size_delta=delta)
+            yield pb.CreateSessionEvent(session=self._session_pb(rec, info.get("tier")))
+        except Exception as e:
+            self._fail(grpc_context, e)
+
+    async def Generate(self, request: pb.GenerateRequest, grpc_context=None):
+        try:
+            tenant, _ = self._auth(grpc_context)
+            rec = self._record(request.name, tenant)
+            which = request.WhichOneof("prompt") or ""
+            ids = self._ids(which, request, first=False, generation=True)
+            params = self._sampling(request)
+            limit = await self._limit()
+            if rec.size_tokens + len(ids) + 1 >= limit:
+                raise RpcError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"session {rec.id} holds {rec.size_tokens} tokens; a {len(ids)}-token prompt "
+                               f"leaves no room under its limit of {limit - 1}")
+            stops = list(request.stop)
+            if len(stops) > 8 or any(not s for s in stops):
+                raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "stop takes at most 8 non-empty strings")
+            # a retained turn is closed by the model's end-of-turn token; keep room for it
+            stream = self.tok.stream()
+            text, generated, finish = "", 0, pb.LENGTH
+            pending: list[int] = []
+            await self._ensure_held(rec)
+            handle = self.groups[rec.group].options(stream=True)
+            async for tok in handle.generate.remote(rec.id, ids, params, request.retain_turn):
+                generated += 1
+                pending.append(tok)
+                delta = stream.push(tok)
+                if not delta:
+                    continue
+                text += delta
+                cut = _stop_at(text, stops)
+                if cut is not None:
+                    keep = delta[: max(0, len(delta) - (len(text) - cut))]
+                    if keep:
+                        yield pb.GenerateResponse(text_delta=keep, token_ids=pending, group=rec.group)
+                    finish = pb.STOP_SEQUENCE
+                    break
+                yield pb.GenerateResponse(text_delta=delta, token_ids=pending, group=rec.group)
+                pending = []
+            else:
+                tail = stream.flush()
+                if tail or pending:
+                    yield pb.GenerateResponse(text_delta=tail, token_ids=pending, group=rec.group)
+                finish = pb.LENGTH if generated >= params["max_tokens"] else pb.STOP
+                if rec.size_tokens + len(ids) + generated + 2 >= (await self._limit()) and finish == pb.LENGTH:
+                    finish = pb.CONTEXT_FULL
+            if request.retain_turn:
+                added = len(ids) + generated + (1 if finish == pb.STOP else 0)
+                rec.size_tokens += added
+                rec.update_time = time.time()
+                self.registry.put(rec, size_delta=added)
+            yield pb.GenerateResponse(
+                finish_reason=finish, group=rec.group,
+                usage=pb.Usage(prompt_tokens=len(ids), cached_tokens=rec.size_tokens if not request.retain_turn
+                               else rec.size_tokens - len(ids) - generated, generated_tokens=generated,
+                               cost=0.0))
+        except Exception as e:
+            self._fail(grpc_context, e)
+
+    async def _ensure_held(self, rec: SessionRecord):
+        """Before a stream starts: the group holds the session (restoring it if its replica restarted)."""
+        await self._on_group(rec, lambda h: h.describe.remote(rec.id))
+
+    def _sampling(self, request) -> dict:
+        s = request.sampling
+        if not 0 <= s.temperature <= 10 or s.temperature != s.temperature:
+            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"temperature must be within [0, 10], got {s.temperature}")
+        if not 0 <= s.top_p <= 1:
+            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"top_p must be within (0, 1], got {s.top_p}")
+        if s.top_k < 0:
+            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"top_k must be >= 0, got {s.top_k}")
+        n = request.max_tokens or 256
+        if not 1 <= n <= self.cfg.max_generate_tokens:
+            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"max_tokens must be within 1..{self.cfg.max_generate_tokens}, got {request.max_tokens}")
+        return {"temperature": float(s.temperature), "top_p": float(s.top_p or 1.0), "top_k": int(s.top_k),
+                "seed": int(s.seed) if s.HasField("seed") else None, "max_tokens": n}
+
+    async def Status(self, request: pb.StatusRequest, grpc_context=None):
+        try:
+            _, admin = self._auth(grpc_context)
+            if not admin:
+                raise RpcError(grpc.StatusCode.PERMISSION_DENIED, "Status needs an admin API key")
+            caps = await asyncio.gather(*(h.capacity.remote() for h in self.groups.values()), return_exceptions=True)
+            groups = []
+            for gid, c in zip(self.groups, caps):
+                if isinstance(c, Exception):
+                    groups.append(pb.GroupStatus(id=gid, healthy=False))
+                    continue
+                groups.append(pb.GroupStatus(
+                    id=gid, healthy=c["healthy"], sessions=c["sessions"], kv_bytes=c["kv_bytes"],
+                    free_kv_bytes=c["free_kv_bytes"],
+                    ranks=[pb.RankStatus(rank=r["rank"], device=r["device"], healthy=r["healthy"]) for r in c["ranks"]]))
+            return pb.StatusResponse(groups=groups, sessions=self.registry.count())
+        except Exception as e:
+            self._fail(grpc_context, e)
+
+
+def _stop_at(text: str, stops: list[str]) -> int | None:
+    hits = [text.find(s) for s in stops if s in text]
+    return min(hits) if hits else None
+
+
+def _status_of(e: BaseException) -> tuple[grpc.StatusCode, str]:
+    """gRPC status for an exception from the engine, the store or the registry."""
+    from ringserve.workers.engine import PromptError, SessionError
+    from ringserve.workers.group import GroupUnhealthy
+    from ringserve.workers.kvformat import (KVCapacityError, KVDataLossError, KVNotFoundError,
+                                            KVUnavailableError)
+
+    if isinstance(e, LimitExceeded):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)
+    if isinstance(e, (SessionError, KVNotFoundError)):
+        return grpc.StatusCode.NOT_FOUND, str(e)
+    if isinstance(e, PromptError):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(e)
+    if isinstance(e, KVCapacityError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)
+    if isinstance(e, KVDataLossError):
+        return grpc.StatusCode.DATA_LOSS, str(e)
+    if isinstance(e, (KVUnavailableError, GroupUnhealthy)):
+        return grpc.StatusCode.UNAVAILABLE, f"{e}; retry shortly"
+    import redis
+
+    if isinstance(e, redis.ConnectionError):
+        return grpc.StatusCode.UNAVAILABLE, f"the session registry (Redis) is unreachable: {e}"
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}"

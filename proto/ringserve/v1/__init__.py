@@ -1,0 +1,1 @@
+"""Generated gRPC modules of the ringserve.v1 API (see ringserve.proto)."""

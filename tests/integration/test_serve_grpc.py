@@ -1,0 +1,175 @@
+"""End to end: the SDK over a real gRPC channel to a real local Ray Serve (Gateway + two
+sequence-parallel groups of 2 ranks, default model, gloo) and a real redis-server."""
+
+import random
+import time
+
+import grpc
+import pytest
+
+from ringserve.client import Client, errors
+
+ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.slow
+
+KEY_A, KEY_B = "key-tenant-a", "key-tenant-b"
+FILLER = [
+    "The committee met on Tuesday to review the quarterly budget and the plans for the new library wing.",
+    "Rainfall in the northern valley was slightly above average, which pleased the local farmers.",
+    "A new bus route connects the harbour district with the university campus every twenty minutes.",
+    "The museum extended its opening hours during the summer festival to welcome more visitors.",
+    "Engineers inspected the old bridge and recommended replacing several of its steel cables.",
+    "Volunteers planted three hundred trees along the river bank over the course of the weekend.",
+]
+QUESTION = "What is the secret password mentioned in the text above? Answer with the password only."
+
+
+def haystack(n_sentences: int, fact: str, seed: int = 3) -> str:
+    rng = random.Random(seed)
+    s = [rng.choice(FILLER) for _ in range(n_sentences)]
+    s.insert(len(s) * 3 // 5, fact)
+    return " ".join(s)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from ray import serve
+
+    from ringserve.cluster.config import ApiKey, ServeConfig
+    from ringserve.cluster.serve_app import LocalRedis, free_port, start
+
+    redis = LocalRedis()
+    port = free_port()
+    cfg = ServeConfig.from_dict({
+        "grpc_port": port, "http_port": free_port(), "redis_url": redis.url, "model": "default", "groups": 2,
+        "sweep_interval_s": 1.0, "progress_chunk": 1024,
+        "group": {"sp": 2, "num_cpus_per_rank": 0.25, "kv_device_bytes": 256 << 20, "kv_host_bytes": 256 << 20,
+                  "redis_url": redis.url, "collective_timeout_s": 60, "call_timeout_s": 300},
+        "api_keys": [vars(ApiKey.from_plain(KEY_A, "tenant-a", admin=True)), vars(ApiKey.from_plain(KEY_B, "tenant-b"))],
+    })
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start(cfg)
+    yield f"localhost:{port}"
+    serve.shutdown()
+    ray.shutdown()
+    redis.stop()
+
+
+@pytest.fixture(scope="module")
+def client(cluster):
+    with Client(cluster, api_key=KEY_A, timeout=120) as c:
+        yield c
+
+
+def test_walkthrough_create_ask_append_extend_list_delete(client):
+    doc = haystack(250, "The secret password is PINEAPPLE-42.")
+    events = []
+    s = client.create_session(doc, ttl="1h", progress=lambda d, t: events.append((d, t)))
+    assert 3500 < s.size_tokens < 5000
+    assert len(events) >= 3 and events[-1][0] == events[-1][1] == s.size_tokens  # progress while prefilling
+    assert s.tier == "hbm" and s.group.startswith("group-")
+
+    answer = s.generate(QUESTION, max_tokens=16).text()
+    assert "PINEAPPLE" in answer.upper(), answer
+    g = s.generate("What is the secret password mentioned in the text? Answer with the password only.", max_tokens=16)
+    assert "PINEAPPLE" in g.text().upper()
+    assert g.usage.cached_tokens == s.size_tokens and g.usage.generated_tokens > 0 and g.group == s.group
+
+    before = s.size_tokens
+    s.append("Note added later: the backup code is 7391.")
+    assert s.size_tokens > before
+    t = s.generate("What is the backup code in the note? Answer with the code only.", max_tokens=12, retain_turn=True)
+    assert "7391" in t.text()
+    assert s.refresh().size_tokens > before + 10  # the retained turn is part of the session now
+
+    old = s.expire_time
+    s.extend(ttl="2h")
+    assert (s.expire_time - old).total_seconds() > 3000
+    assert s.name in [x.name for x in client.list_sessions()]
+    s.delete()
+    with pytest.raises(errors.NotFound):
+        client.get_session(s.name)
+
+
+def test_session_affinity_and_spread_by_capacity(client):
+    sessions = [client.create_session(haystack(10, f"Fact {i}: the code is {i}{i}{i}.", seed=i), ttl="1h")
+                for i in range(3)]
+    try:
+        groups = {s.group for s in sessions}
+        assert groups == {"group-0", "group-1"}  # new sessions go where most KV capacity is free
+        for s in sessions:
+            for _ in range(2):
+                g = s.generate("Which code is mentioned?", max_tokens=4)
+                g.text()
+                assert g.group == s.group  # every request runs on the group that holds the KV
+    finally:
+        for s in sessions:
+            s.delete()
+
+
+def test_auth_isolation_and_bad_inputs_get_clear_status_codes(cluster, client):
+    s = client.create_session("A short context about gardens and their seasonal flowers.", ttl="1h")
+    try:
+        with Client(cluster, api_key=KEY_B) as other:
+            with pytest.raises(errors.NotFound):
+                other.get_session(s.name)
+        with Client(cluster, api_key=None) as anon:
+            with pytest.raises(errors.Unauthenticated, match="missing API key"):
+                anon.get_session(s.name)
+        with Client(cluster, api_key="not-a-key") as bad:
+            with pytest.raises(errors.Unauthenticated, match="unknown API key"):
+                list(bad.list_sessions())
+        with Client(cluster, api_key=KEY_B) as other:
+            with pytest.raises(errors.PermissionDenied):
+                other.status()
+        with pytest.raises(errors.InvalidArgument, match="empty"):
+            client.create_session("   ")
+        with pytest.raises(errors.InvalidArgument, match="max_tokens"):
+            s.generate("hi", max_tokens=-3).text()
+        with pytest.raises(errors.InvalidArgument, match="max_tokens"):
+            s.generate("hi", max_tokens=100_000).text()
+        with pytest.raises(errors.InvalidArgument, match="temperature"):
+            s.generate("hi", temperature=-1.0).text()
+        with pytest.raises(errors.InvalidArgument, match="top_p"):
+            s.generate("hi", top_p=1.5).text()
+        with pytest.raises(errors.InvalidArgument, match="malformed"):
+            client.get_session("sessions/not-an-id")
+        with pytest.raises(errors.InvalidArgument, match="tokens; sessions hold at most"):
+            client.create_session(tokens=[42] * 9000)
+        with pytest.raises(errors.InvalidArgument, match="out of the vocabulary"):
+            client.create_session(tokens=[1, 2, 10**7])
+        short = client.create_session("Expiring context.", ttl=1)
+        time.sleep(2.5)
+        with pytest.raises(errors.NotFound, match="expired|not found"):
+            short.generate("hi", max_tokens=2).text()
+        # invalid UTF-8 in a string field, sent as raw bytes
+        channel = grpc.insecure_channel(cluster)
+        raw = channel.unary_stream("/ringserve.v1.RingServe/CreateSession", request_serializer=lambda b: b,
+                                   response_deserializer=lambda b: b)
+        with pytest.raises(grpc.RpcError) as e:
+            list(raw(b"\x0a\x03\xff\xfe\xfd", metadata=[("authorization", f"Bearer {KEY_A}")], timeout=30))
+        # Serve's proxy parses the request before the Gateway sees it and answers UNKNOWN with the
+        # parser's message (a known limit, recorded in the issue note), never OK, never a hang
+        assert e.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNKNOWN)
+        assert "UTF-8" in e.value.details()
+        channel.close()
+        # and the server keeps serving
+        assert s.generate("Which flowers?", max_tokens=4).text() is not None
+    finally:
+        s.delete()
+
+
+def test_killing_the_group_replica_restores_a_write_through_session(client):
+    from ray.util import list_named_actors
+
+    s = client.create_session(haystack(20, "The secret password is KIWI-9."), ttl="1h", persist="write_through")
+    first = s.generate(QUESTION, max_tokens=12).text()
+    time.sleep(1.0)  # write-through is asynchronous
+    victims = [a for a in list_named_actors(all_namespaces=True)
+               if f"#{s.group}#" in a["name"] and a["name"].startswith("SERVE_REPLICA")]
+    assert victims
+    for a in victims:
+        ray.kill(ray.get_actor(a["name"], namespace=a["namespace"]), no_restart=False)
+    again = s.generate(QUESTION, max_tokens=12)
+    assert again.text() == first  # restored from Redis and answered the same
+    s.delete()
