@@ -485,6 +485,43 @@ class Gateway:
             self._fail(grpc_context, e)
 
 
+    # -------------------------------------------------------------- grpc.health.v1 (no API key needed)
+
+    async def _health(self, service: str):
+        from grpc_health.v1 import health_pb2
+
+        if service not in ("", "ringserve.v1.RingServe"):
+            raise RpcError(grpc.StatusCode.NOT_FOUND, f"unknown service {service!r}")
+        try:
+            self.registry.client.ping()
+            caps = await asyncio.wait_for(asyncio.gather(*(h.capacity.remote() for h in self.groups.values()),
+                                                         return_exceptions=True), 10)
+            ok = any(isinstance(c, dict) and c.get("healthy") for c in caps)
+        except Exception:
+            ok = False
+        return health_pb2.HealthCheckResponse(
+            status=health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    async def Check(self, request, grpc_context=None):
+        try:
+            return await self._health(request.service)
+        except Exception as e:
+            self._fail(grpc_context, e)
+
+    async def Watch(self, request, grpc_context=None):
+        """The current status, then again whenever it changes (checked every few seconds)."""
+        try:
+            last = None
+            while True:
+                st = await self._health(request.service)
+                if st.status != last:
+                    last = st.status
+                    yield st
+                await asyncio.sleep(5)
+        except Exception as e:
+            self._fail(grpc_context, e)
+
+
 def _stop_at(text: str, stops: list[str]) -> int | None:
     hits = [text.find(s) for s in stops if s in text]
     return min(hits) if hits else None

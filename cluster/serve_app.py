@@ -20,6 +20,7 @@ from dataclasses import asdict
 from .config import ServeConfig
 
 SERVICER = "ringserve.proto.ringserve.v1.ringserve_pb2_grpc.add_RingServeServicer_to_server"
+HEALTH = "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server"  # standard grpc.health.v1
 APP_NAME = "ringserve"
 
 
@@ -43,7 +44,7 @@ def start(cfg: ServeConfig, *, num_cpus: int | None = None):
     if not ray.is_initialized():
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": cfg.http_port},
-                grpc_options=gRPCOptions(port=cfg.grpc_port, grpc_servicer_functions=[SERVICER],
+                grpc_options=gRPCOptions(port=cfg.grpc_port, grpc_servicer_functions=[SERVICER, HEALTH],
                                          enable_reflection=True))
     serve.run(build_app(cfg), name=APP_NAME, route_prefix="/")
 

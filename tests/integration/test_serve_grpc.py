@@ -42,7 +42,7 @@ def cluster():
     port = free_port()
     cfg = ServeConfig.from_dict({
         "grpc_port": port, "http_port": free_port(), "redis_url": redis.url, "model": "default", "groups": 2,
-        "sweep_interval_s": 1.0, "progress_chunk": 1024,
+        "sweep_interval_s": 1.0, "progress_chunk": 1024, "limits": {"max_sessions": 8, "max_tokens": 20000},
         "group": {"sp": 2, "num_cpus_per_rank": 0.25, "kv_device_bytes": 256 << 20, "kv_host_bytes": 256 << 20,
                   "redis_url": redis.url, "collective_timeout_s": 60, "call_timeout_s": 300},
         "api_keys": [vars(ApiKey.from_plain(KEY_A, "tenant-a", admin=True)), vars(ApiKey.from_plain(KEY_B, "tenant-b"))],
@@ -157,6 +157,31 @@ def test_auth_isolation_and_bad_inputs_get_clear_status_codes(cluster, client):
         assert s.generate("Which flowers?", max_tokens=4).text() is not None
     finally:
         s.delete()
+
+
+def test_tenant_limits_are_enforced_per_tenant(cluster, client):
+    with Client(cluster, api_key=KEY_B) as b:
+        made = [b.create_session(f"Short note number {i}.", ttl="10m") for i in range(8)]
+        try:
+            with pytest.raises(errors.ResourceExhausted, match="limit"):
+                b.create_session("One too many.", ttl="10m")
+            a = client.create_session("Tenant A is not affected by B's count.", ttl="10m")  # other tenant
+            a.delete()
+        finally:
+            for s in b.list_sessions():
+                s.delete()
+
+
+def test_standard_health_check_and_reflection(cluster):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(cluster) as ch:
+        resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=60)
+        assert resp.status == health_pb2.HealthCheckResponse.SERVING
+        req = reflection_pb2.ServerReflectionRequest(list_services="")
+        out = next(reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(iter([req]), timeout=30))
+        assert "ringserve.v1.RingServe" in [s.name for s in out.list_services_response.service]
 
 
 def test_killing_the_group_replica_restores_a_write_through_session(client):
