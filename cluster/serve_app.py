@@ -88,3 +88,15 @@ class LocalRedis:
         except subprocess.TimeoutExpired:
             self.proc.kill()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def app_builder(args: dict):
+    """Serve application builder, so a Serve config (or KubeRay's serveConfigV2) can deploy ringserve:
+
+        applications:
+          - name: ringserve
+            import_path: ringserve.cluster.serve_app:app_builder
+            args: {redis_url: "redis://redis:6379/0", groups: 2, group: {sp: 4, num_gpus_per_rank: 1}}
+
+    `args` is a ServeConfig in dict form (the same keys as the YAML file of `ringserve serve`)."""
+    return build_app(ServeConfig.from_dict(args))
