@@ -47,8 +47,9 @@ test: $(STAMP) redis-server
 serve: $(STAMP) redis-server
 	$(VENV)/bin/ringserve serve --model default $(if $(PORT),--port $(PORT)) $(if $(API_KEY),--api-key $(API_KEY))
 
-bench: $(STAMP)
+bench: $(STAMP) redis-server
 	$(PY) benchmarks/generate_cpu.py
+	$(PY) benchmarks/billing.py --aof
 
 proto: $(STAMP)
 	$(PY) scripts/gen_proto.py

@@ -212,3 +212,37 @@ def expiry_update(name: str, ttl: TTL | None, expire_time: datetime | None) -> p
 def retention_update(name: str, retention: str) -> pb.UpdateSessionRequest:
     session = pb.Session(name=name, retention=_choice(RETENTION, retention, "retention"))
     return pb.UpdateSessionRequest(session=session, update_mask=field_mask_pb2.FieldMask(paths=["retention"]))
+
+
+# --- usage ------------------------------------------------------------------------------------
+
+GROUP_BY = {"session": pb.SESSION, "tier": pb.TIER, "day": pb.DAY}
+EXPORT_FORMAT = {"jsonl": pb.JSONL, "csv": pb.CSV}
+
+
+def usage_window(since: TTL | None, start: datetime | None, end: datetime | None):
+    """(start, end) Timestamps: `since` ("24h", a timedelta, seconds) back from now, or explicit
+    aware datetimes; end None = now (left unset: the server takes its own now)."""
+    if (since is None) == (start is None):
+        raise ValueError("give exactly one of since= (e.g. '24h') or start=")
+    if since is not None:
+        start = datetime.now(timezone.utc) - timedelta(seconds=ttl_seconds(since))
+    return timestamp(start), (timestamp(end) if end is not None else None)
+
+
+def usage_request(since, start, end, *, group_by: str, session: str | None, tenant: str) -> pb.GetUsageRequest:
+    s, e = usage_window(since, start, end)
+    req = pb.GetUsageRequest(start_time=s, group_by=_choice(GROUP_BY, group_by, "group_by"), tenant=tenant,
+                             session=session_name(session) if session else "")
+    if e is not None:
+        req.end_time.CopyFrom(e)
+    return req
+
+
+def export_request(since, start, end, *, format: str, session: str | None, tenant: str) -> pb.ExportUsageRequest:
+    s, e = usage_window(since, start, end)
+    req = pb.ExportUsageRequest(start_time=s, format=_choice(EXPORT_FORMAT, format, "format"), tenant=tenant,
+                                session=session_name(session) if session else "")
+    if e is not None:
+        req.end_time.CopyFrom(e)
+    return req

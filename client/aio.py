@@ -190,6 +190,25 @@ class AsyncClient:
         """The ``ringserve.v1.StatusResponse`` message (admin keys only)."""
         return await self._transport.unary("Status", pb.StatusRequest())
 
+    async def usage(self, since: _wire.TTL | None = None, *, start: datetime | None = None,
+                    end: datetime | None = None, group_by: str = "session", session: str | None = None,
+                    tenant: str = "") -> pb.GetUsageResponse:
+        """Usage and cost over a window: ``since`` ("24h", a timedelta, seconds) back from now, or
+        aware datetimes ``start`` / ``end``. ``group_by``: "session", "tier" or "day". Returns the
+        ``ringserve.v1.GetUsageResponse`` (``.line_items``, ``.total``, ``.currency``,
+        ``.accruing_cost``). ``tenant``: another tenant's usage (admin keys only)."""
+        request = _wire.usage_request(since, start, end, group_by=group_by, session=session, tenant=tenant)
+        return await self._transport.unary("GetUsage", request)
+
+    async def export_usage(self, since: _wire.TTL | None = None, *, start: datetime | None = None,
+                           end: datetime | None = None, format: str = "jsonl", session: str | None = None,
+                           tenant: str = "") -> AsyncIterator[str]:
+        """Every usage record in the window as text chunks (CSV with a header, or JSON lines);
+        ``"".join(...)`` them or write them to a file as they come."""
+        request = _wire.export_request(since, start, end, format=format, session=session, tenant=tenant)
+        async for chunk in self._transport.stream("ExportUsage", request):
+            yield chunk.data.decode()
+
     async def close(self) -> None:
         await self._transport.close()
 

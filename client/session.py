@@ -117,6 +117,16 @@ class SessionView:
         return self._message.cost_accrued
 
     @property
+    def retention_cost(self) -> float:
+        """The part of ``cost_accrued`` for holding the KV (token-hours by tier)."""
+        return self._message.retention_cost
+
+    @property
+    def compute_cost(self) -> float:
+        """The part of ``cost_accrued`` for tokens prefilled, served from retained context and generated."""
+        return self._message.compute_cost
+
+    @property
     def currency(self) -> str:
         return self._message.currency
 

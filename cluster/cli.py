@@ -143,6 +143,15 @@ def _add_client_commands(sub):
     st = sub.add_parser("status", help="worker groups, ranks, memory per tier, sessions (admin key)")
     _client_args(st)
     st.set_defaults(func=cmd_status)
+    u = sub.add_parser("usage", help="usage and cost over a time window (token-hours by tier, tokens, cost)")
+    u.add_argument("--since", default="24h", help="window back from now, e.g. 1h, 24h, 7d (default 24h)")
+    u.add_argument("--group-by", default="session", choices=["session", "tier", "day"])
+    u.add_argument("--format", default="table", choices=["table", "csv", "jsonl"],
+                   help="table (default): line items and totals; csv / jsonl: every usage record")
+    u.add_argument("--session", default=None, help="only this session")
+    u.add_argument("--tenant", default="", help="another tenant's usage (admin key)")
+    _client_args(u)
+    u.set_defaults(func=cmd_usage)
 
 
 def _client(args):
@@ -156,7 +165,10 @@ def _client(args):
 
 def _show(s) -> str:
     exp = s.expire_time.strftime("%Y-%m-%d %H:%M:%S UTC") if s.expire_time else "-"
-    return f"{s.name}  {s.size_tokens:>9} tok  {s.tier:<6} {s.retention:<8} group {s.group or '-':<8} expires {exp}"
+    tok_h = sum(s.token_seconds.values()) / 3600
+    cost = f"  {tok_h:,.1f} tok-h  {s.cost_accrued:.6f} {s.currency}" if s.currency else ""
+    return (f"{s.name}  {s.size_tokens:>9} tok  {s.tier:<6} {s.retention:<8} group {s.group or '-':<8} "
+            f"expires {exp}{cost}")
 
 
 def cmd_session(args) -> int:
@@ -196,15 +208,59 @@ def cmd_ask(args) -> int:
 def cmd_status(args) -> int:
     with _client(args) as c:
         st = c.status()
-    print(f"{st.sessions} session(s)")
-    print(f"{'group':<10} {'healthy':<8} {'ranks':<22} {'sessions':>8} {'hbm MiB':>9} {'host MiB':>9} "
-          f"{'redis MiB':>9} {'free hbm MiB':>12}")
-    for g in st.groups:
-        ranks = ",".join(f"{r.rank}:{r.device}{'' if r.healthy else '!'}" for r in g.ranks)
-        mib = {k: v / 2**20 for k, v in g.kv_bytes.items()}
-        print(f"{g.id:<10} {str(g.healthy):<8} {ranks:<22} {g.sessions:>8} {mib.get('hbm', 0):>9.1f} "
-              f"{mib.get('host', 0):>9.1f} {mib.get('redis', 0):>9.1f} {g.free_kv_bytes / 2**20:>12.1f}")
+    print(format_status(st))
     return 0
+
+
+def format_status(st) -> str:
+    """A StatusResponse as a table: one line per group, then one per rank."""
+    def mib(d, t):
+        return d.get(t, 0) / 2**20
+
+    rows = [f"{st.sessions} session(s), {st.metered_sessions} metered; Redis "
+            f"{'ok' if st.redis_healthy else 'UNREACHABLE'}",
+            f"{'group / rank':<14} {'device':<8} {'health':<8} {'sessions':>8} {'hbm MiB':>10} {'host MiB':>10} "
+            f"{'redis MiB':>10} {'free hbm MiB':>13}"]
+    rows.append("-" * len(rows[-1]))
+    for g in st.groups:
+        rows.append(f"{g.id:<14} {'':<8} {'ok' if g.healthy else 'DOWN':<8} {g.sessions:>8} "
+                    f"{mib(g.kv_bytes, 'hbm'):>10.1f} {mib(g.kv_bytes, 'host'):>10.1f} {mib(g.kv_bytes, 'redis'):>10.1f} "
+                    f"{g.free_kv_bytes / 2**20:>13.1f}")
+        for r in g.ranks:
+            rows.append(f"  rank {r.rank:<7} {r.device:<8} {'ok' if r.healthy else 'DOWN':<8} {'':>8} "
+                        f"{mib(r.kv_bytes, 'hbm'):>10.1f} {mib(r.kv_bytes, 'host'):>10.1f} "
+                        f"{mib(r.kv_bytes, 'redis'):>10.1f} {r.free_kv_bytes / 2**20:>13.1f}")
+    return "\n".join(rows)
+
+
+def cmd_usage(args) -> int:
+    with _client(args) as c:
+        if args.format != "table":
+            for chunk in c.export_usage(args.since, format=args.format, session=args.session, tenant=args.tenant):
+                sys.stdout.write(chunk)
+            return 0
+        u = c.usage(args.since, group_by=args.group_by, session=args.session, tenant=args.tenant)
+    print(format_usage(u, args.group_by))
+    return 0
+
+
+def format_usage(u, group_by: str) -> str:
+    """A GetUsageResponse as a table: token-hours per tier, tokens, cost."""
+    head = (f"{group_by:<20} {'hbm tok-h':>12} {'host tok-h':>12} {'redis tok-h':>12} {'prefill':>10} "
+            f"{'cached':>10} {'generated':>10} {'cost ' + u.currency:>14}")
+    rows = [head, "-" * len(head)]
+    for item in list(u.line_items) + [u.total]:
+        th = {t: item.token_seconds.get(t, 0.0) / 3600 for t in ("hbm", "host", "redis")}
+        rows.append(f"{item.key:<20} {th['hbm']:>12,.2f} {th['host']:>12,.2f} {th['redis']:>12,.2f} "
+                    f"{item.prefill_tokens:>10,} {item.cached_tokens:>10,} {item.generated_tokens:>10,} "
+                    f"{item.cost:>14.6f}")
+        if item is u.total:
+            rows.insert(len(rows) - 1, "-" * len(head))
+    start = u.start_time.ToDatetime().strftime("%Y-%m-%d %H:%M")
+    end = u.end_time.ToDatetime().strftime("%Y-%m-%d %H:%M")
+    rows.append(f"{start} .. {end} UTC; of the total, {u.accruing_cost:.6f} {u.currency} is still accruing "
+                "(live sessions, not yet closed into ledger records)")
+    return "\n".join(rows)
 
 
 def build_messages(prompt: str, document: str | None) -> list[dict]:
@@ -300,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_serve(sub)
     _add_client_commands(sub)
     args = parser.parse_args(argv)
-    if args.command in ("session", "ask", "status"):  # the SDK only: no torch, no ray
+    if args.command in ("session", "ask", "status", "usage"):  # the SDK only: no torch, no ray
         from ringserve.client import RingServeError
 
         try:

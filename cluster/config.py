@@ -11,6 +11,14 @@ group: {sp: 2, num_cpus_per_rank: 0.25, kv_device_bytes: 268435456}
 api_keys:                # sha256 of each key (never the key itself)
   - {sha256: 9f86d0…, tenant: acme, admin: false}
 limits: {max_sessions: 100, max_tokens: 10000000}
+billing:                 # prices in `currency` (cluster/billing.py); omitted: the defaults below
+  currency: USD
+  retention:             # per 1M token-hours, by retention class and tier
+    standard: {hbm: 4.50, host: 1.00, redis: 0.25}
+  prefill_per_mtok: 0.10
+  cached_per_mtok: 0.01
+  generated_per_mtok: 0.40
+  min_session_tokens: 0  # smaller sessions are refused with FAILED_PRECONDITION
 ```
 """
 
@@ -18,9 +26,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 from dataclasses import asdict, dataclass, field
 
 from ringserve.workers.group import GroupConfig
+
+from .billing import Rates
 
 
 @dataclass(frozen=True)
@@ -60,6 +71,11 @@ class ServeConfig:
     max_generate_tokens: int = 8192
     progress_chunk: int = 2048  # CreateSession reports progress every this many tokens
     sweep_interval_s: float = 5.0  # how often expired sessions are deleted
+    billing: Rates = field(default_factory=Rates)
+    billing_redis_url: str | None = None  # the ledger's Redis (run it with AOF); None = redis_url
+    # a YAML/JSON list of {sha256, tenant, admin} (e.g. a mounted Kubernetes Secret), read in addition
+    # to api_keys and re-read when it changes, so keys rotate without a restart
+    api_keys_file: str | None = None
 
     @classmethod
     def from_dict(cls, d: dict) -> "ServeConfig":
@@ -68,12 +84,20 @@ class ServeConfig:
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown config keys {sorted(unknown)}; known: {sorted(known)}")
+        # "${REDIS_PASSWORD}" and the like in Redis URLs come from the environment (a Secret in Kubernetes)
+        for k in ("redis_url", "billing_redis_url"):
+            if isinstance(d.get(k), str):
+                d[k] = os.path.expandvars(d[k])
+        if isinstance(d.get("group"), dict) and isinstance(d["group"].get("redis_url"), str):
+            d["group"] = {**d["group"], "redis_url": os.path.expandvars(d["group"]["redis_url"])}
         if "group" in d and isinstance(d["group"], dict):
             d["group"] = GroupConfig(**{"model": d.get("model", "default"), **d["group"]})
         elif "model" in d:
             d["group"] = GroupConfig(model=d["model"])
         if "limits" in d and isinstance(d["limits"], dict):
             d["limits"] = TenantLimits(**d["limits"])
+        if "billing" in d:
+            d["billing"] = Rates.from_dict(d["billing"])
         if "api_keys" in d:
             d["api_keys"] = tuple(k if isinstance(k, ApiKey) else ApiKey(**k) for k in d["api_keys"])
         return cls(**d)
@@ -87,3 +111,19 @@ class ServeConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def load_api_keys(path: str) -> tuple[ApiKey, ...]:
+    """API keys from a YAML / JSON file: a list of {sha256, tenant, admin}, or {"api_keys": [...]}."""
+    import yaml
+
+    with open(path) as f:
+        data = yaml.safe_load(f) or []
+    if isinstance(data, dict):
+        data = data.get("api_keys", [])
+    keys = []
+    for i, k in enumerate(data):
+        if not isinstance(k, dict) or not isinstance(k.get("sha256"), str) or len(k["sha256"]) != 64:
+            raise ValueError(f"{path}: entry {i} needs sha256 (64 hex digits of the key's SHA-256) and tenant")
+        keys.append(ApiKey(k["sha256"].lower(), str(k["tenant"]), bool(k.get("admin", False))))
+    return tuple(keys)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import threading
 import time
@@ -21,7 +22,9 @@ from ray import serve
 
 from ringserve.proto.ringserve.v1 import ringserve_pb2 as pb
 
+from .billing import BelowMinimum, BillingError, Ledger, to_money
 from .config import ServeConfig, hash_key
+from .metrics import metrics, safe
 from .registry import LimitExceeded, Registry, SessionRecord, new_session_id
 
 log = logging.getLogger("ringserve.gateway")
@@ -67,16 +70,47 @@ class Gateway:
 
         self.cfg = ServeConfig.from_dict(cfg)
         self.registry = Registry(self.cfg.redis_url)
+        self.ledger = Ledger(self.cfg.billing_redis_url or self.cfg.redis_url, self.cfg.billing,
+                             on_metered=lambda tier, token_ms: safe(
+                                 lambda: metrics()["token_seconds"].inc(token_ms / 1000, tags={"tier": tier})))
+        self.rates = self.cfg.billing
         self.tok = load_tokenizer(self.cfg.model)
         self.keys = {k.sha256: k for k in self.cfg.api_keys}
+        self._keys_mtime = None
+        self._reload_keys()
         self.groups = {h.deployment_name: h for h in groups}
         self.max_context = self.cfg.group.max_context or 0  # 0: learnt from the first group
         self._stop = threading.Event()
         threading.Thread(target=self._sweep_loop, name="ringserve-expiry", daemon=True).start()
+        threading.Thread(target=self._meter_loop, name="ringserve-meter", daemon=True).start()
 
     # ------------------------------------------------------------------------------ plumbing
 
+    def _reload_keys(self) -> None:
+        """Re-read api_keys_file when it changed (a rotated Kubernetes Secret is updated in place)."""
+        path = self.cfg.api_keys_file
+        if not path:
+            return
+        try:
+            mtime = os.stat(path).st_mtime_ns
+        except OSError as e:
+            log.error("api_keys_file %s unreadable: %s", path, e)
+            return
+        if mtime == self._keys_mtime:
+            return
+        from .config import load_api_keys
+
+        try:
+            keys = load_api_keys(path)
+        except Exception as e:  # keep the keys we have
+            log.error("api_keys_file %s rejected: %s", path, e)
+            return
+        self.keys = {k.sha256: k for k in self.cfg.api_keys + keys}
+        self._keys_mtime = mtime
+        log.info("loaded %d API keys from %s", len(keys), path)
+
     def _auth(self, ctx) -> tuple[str, bool]:
+        self._reload_keys()
         md = dict(ctx.invocation_metadata()) if ctx is not None else {}
         value = md.get("authorization", "")
         if not value:
@@ -113,7 +147,7 @@ class Gateway:
         if rec is None or rec.tenant != tenant:  # another tenant's session does not exist for you
             raise RpcError(grpc.StatusCode.NOT_FOUND, f"session {m.group(1)} not found")
         if rec.expire_time <= time.time():
-            self._delete(rec)
+            self._delete(rec, rec.expire_time)
             raise RpcError(grpc.StatusCode.NOT_FOUND, f"session {rec.id} expired at "
                            f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(rec.expire_time))} and was deleted")
         if rec.state != "ready":
@@ -170,6 +204,18 @@ class Gateway:
                        kv_bytes=rec.kv_bytes, allow_quantized_kv=rec.allow_quantized_kv)
         if tier:
             s.tier = TIER_ENUM.get(tier, pb.TIER_UNSPECIFIED)
+        try:
+            u = self.ledger.session_usage(rec.id)
+        except Exception as e:  # the ledger's Redis is down: show the session, leave billing empty
+            log.warning("billing of %s unavailable: %s", rec.id, e)
+            return s
+        for t, v in u["token_seconds"].items():
+            s.token_seconds[t] = v
+        s.retention_cost, s.compute_cost = to_money(u["retention_nanos"]), to_money(u["compute_nanos"])
+        s.cost_accrued = to_money(u["retention_nanos"] + u["compute_nanos"])
+        s.currency = u["currency"]
+        if u["billed_through"]:
+            s.billed_through.CopyFrom(_ts(u["billed_through"]))
         return s
 
     async def _pick_group(self) -> str:
@@ -179,7 +225,10 @@ class Gateway:
             raise RpcError(grpc.StatusCode.UNAVAILABLE, "no healthy worker group; retry shortly")
         return max(ok, key=lambda c: (c["free_kv_bytes"], -c["sessions"]))["group"]
 
-    def _delete(self, rec: SessionRecord):
+    def _delete(self, rec: SessionRecord, t: float | None = None):
+        """Delete a session: its retention meter stops at t (the delete's commit time, or the expiry
+        time), then its KV is freed and its record removed."""
+        self.ledger.close(rec.id, t=time.time() if t is None else t)
         h = self.groups.get(rec.group)
         if h is not None:
             try:
@@ -192,9 +241,62 @@ class Gateway:
         while not self._stop.wait(self.cfg.sweep_interval_s):
             try:
                 for rec in self.registry.expired(time.time()):
-                    self._delete(rec)
+                    self._delete(rec, rec.expire_time)
             except Exception as e:  # Redis down: try again next round
                 log.warning("expiry sweep failed: %s", e)
+
+    def _meter_loop(self):
+        """Every billing.meter_interval_s: let each group apply its retention policy and report tier
+        moves, bill them at the time they happened, close intervals at the hour boundary, and now
+        and then reconcile live sessions with open billing intervals."""
+        passes = 0
+        while not self._stop.wait(self.rates.meter_interval_s):
+            passes += 1
+            try:
+                self.meter_pass(reconcile=passes % self.rates.reconcile_every == 0)
+            except Exception as e:  # Redis down: the next pass catches up (events are idempotent)
+                log.warning("metering pass failed: %s", e)
+
+    def meter_pass(self, reconcile: bool = False) -> dict:
+        out = {"moves": 0, "closed": 0}
+        counts = {(t, c): 0 for t in ("hbm", "host", "redis", "moving", "lost") for c in ("hot", "standard", "cold")}
+        for gid, h in self.groups.items():
+            try:
+                report = h.meter.remote().result(timeout_s=30)
+            except Exception as e:  # busy or down: its sessions are metered on the next pass
+                log.info("group %s did not report tiers: %s", gid, e)
+                continue
+            now = time.time()
+            for sid, info in report["sessions"].items():
+                moves = info.get("moves") if isinstance(info, dict) else None
+                key = ({"device": "hbm"}.get(info.get("tier"), info.get("tier") or "lost"), info.get("retention", "standard"))
+                if key in counts:
+                    counts[key] += 1
+                if moves:
+                    out["moves"] += self.ledger.observe(sid, [(n, now - age, tier) for n, age, tier in moves])
+        out["closed"] = self.ledger.close_hours(time.time())
+        for (tier, cls), n in counts.items():
+            safe(lambda: metrics()["sessions"].set(n, tags={"tier": tier, "retention_class": cls}))
+        if reconcile:
+            live = self.registry.states()
+            rec = self.ledger.reconcile({k: v for k, v in live.items() if v == "ready"},
+                                        creating=[k for k, v in live.items() if v != "ready"])
+            safe(lambda: metrics()["unmetered"].set(len(rec["unmetered"])))
+            safe(lambda: metrics()["orphaned"].set(len(rec["orphaned"])))
+            out["reconcile"] = rec
+        return out
+
+    @staticmethod
+    def _prefilled(tokens: int, seconds: float) -> None:
+        safe(lambda: metrics()["prefill_tokens"].inc(tokens))
+        if seconds > 0:
+            safe(lambda: metrics()["prefill_rate"].observe(tokens / seconds))
+
+    def _observe(self, rec: SessionRecord, info: dict) -> None:
+        """Bill the tier moves a group reported with a response."""
+        if info.get("moves"):
+            now = time.time()
+            self.ledger.observe(rec.id, [(n, now - age, tier) for n, age, tier in info["moves"]])
 
     async def _on_group(self, rec: SessionRecord, call):
         """Run call(handle) on the session's group; if the group no longer holds it (its replica was
@@ -222,10 +324,13 @@ class Gateway:
                 if isinstance(last, SessionError):  # never persisted: nothing to restore anywhere
                     break
                 continue
+            safe(lambda: metrics()["restores"].inc())
             if gid != rec.group:
                 rec.group = gid
                 self.registry.put(rec)
             return
+        safe(lambda: metrics()["lost"].inc())
+        self.ledger.close(rec.id, t=time.time())
         self.registry.delete(rec)
         raise RpcError(grpc.StatusCode.DATA_LOSS,
                        f"session {rec.id} was lost with its worker group and has no copy in Redis "
@@ -237,6 +342,7 @@ class Gateway:
         try:
             tenant, _ = self._auth(grpc_context)
             ids = self._ids(request.WhichOneof("content") or "", request, first=True)
+            self.ledger.check_size(len(ids))
             limit = await self._limit()
             if len(ids) >= limit:
                 raise RpcError(grpc.StatusCode.INVALID_ARGUMENT,
@@ -256,6 +362,7 @@ class Gateway:
             opts = {"retention": rec.retention, "persist": rec.persist, "ttl_s": ttl,
                     "allow_quantized": rec.allow_quantized_kv}
             handle = self.groups[rec.group].options(stream=True)
+            t_prefill = time.perf_counter()
             try:
                 async for ev in handle.create.remote(rec.id, ids, opts, self.cfg.progress_chunk):
                     if "progress" in ev:
@@ -266,8 +373,16 @@ class Gateway:
             except BaseException:
                 self.registry.delete(rec)
                 raise
+            self._prefilled(len(ids), time.perf_counter() - t_prefill)
             rec.state, rec.update_time = "ready", time.time()
-            self.registry.put(rec)
+            try:  # metered from the commit of its creation; billed its prefill
+                moves = info.get("moves") or [(0, 0.0, info.get("tier") or "device")]
+                self.ledger.open(rec.id, tenant, t=rec.update_time, tier=moves[-1][2], tokens=len(ids),
+                                 retention=rec.retention, group=rec.group, prefill_tokens=len(ids), move=moves[-1][0])
+                self.registry.put(rec)
+            except BaseException:
+                self._delete(rec)
+                raise
             yield pb.CreateSessionEvent(session=self._session_pb(rec, info.get("tier")))
         except Exception as e:
             self._fail(grpc_context, e)
@@ -296,6 +411,7 @@ class Gateway:
             try:
                 info = await asyncio.wait_for(self._on_group(rec, lambda h: h.describe.remote(rec.id)), 30)
                 tier = info.get("tier")
+                self._observe(rec, info)
             except asyncio.TimeoutError:
                 tier = None
             return self._session_pb(rec, tier)
@@ -344,6 +460,9 @@ class Gateway:
                                    f"field {p!r} cannot be updated; updatable: ttl, expire_time, retention")
             rec.update_time = now
             await self._on_group(rec, lambda h: h.set_ttl.remote(rec.id, rec.expire_time - now))
+            # an extension or a class change closes the billing interval (a new rate may apply)
+            self.ledger.set_retention(rec.id, f"update:{int(now * 1000)}", t=now,
+                                      retention=rec.retention if "retention" in paths else None)
             self.registry.put(rec)
             return self._session_pb(rec)
         except Exception as e:
@@ -353,7 +472,7 @@ class Gateway:
         try:
             tenant, _ = self._auth(grpc_context)
             rec = self._record(request.name, tenant)
-            await asyncio.get_running_loop().run_in_executor(None, self._delete, rec)
+            await asyncio.get_running_loop().run_in_executor(None, self._delete, rec, time.time())
         except Exception as e:
             self._fail(grpc_context, e)
         return empty_pb2.Empty()
@@ -375,7 +494,10 @@ class Gateway:
                     out.append(ev)
                 return out
 
-            for ev in await self._on_group(rec, run):
+            t_prefill = time.perf_counter()
+            events = await self._on_group(rec, run)
+            self._prefilled(len(ids), time.perf_counter() - t_prefill)
+            for ev in events:
                 if "progress" in ev:
                     d, t = ev["progress"]
                     yield pb.CreateSessionEvent(progress=pb.Progress(tokens_done=d, tokens_total=t))
@@ -384,6 +506,9 @@ class Gateway:
             delta = len(ids)
             rec.size_tokens += delta
             rec.update_time = time.time()
+            self.ledger.resize(rec.id, f"size:{rec.size_tokens}", t=rec.update_time, tokens=rec.size_tokens,
+                               compute=(delta, 0, 0))
+            self._observe(rec, info)
             self.registry.put(rec, size_delta=delta)
             yield pb.CreateSessionEvent(session=self._session_pb(rec, info.get("tier")))
         except Exception as e:
@@ -408,9 +533,18 @@ class Gateway:
             stream = self.tok.stream()
             text, generated, finish = "", 0, pb.LENGTH
             pending: list[int] = []
+            t_start = time.perf_counter()
             await self._ensure_held(rec)
             handle = self.groups[rec.group].options(stream=True)
+            try:
+                ttft, itl = metrics()["ttft"].observe, metrics()["itl"].observe
+            except Exception:  # metrics unavailable: serve anyway
+                ttft = itl = lambda v: None
+            last = None
             async for tok in handle.generate.remote(rec.id, ids, params, request.retain_turn):
+                now_p = time.perf_counter()
+                safe(ttft, now_p - t_start) if last is None else safe(itl, now_p - last)
+                last = now_p
                 generated += 1
                 pending.append(tok)
                 delta = stream.push(tok)
@@ -433,22 +567,30 @@ class Gateway:
                 finish = pb.LENGTH if generated >= params["max_tokens"] else pb.STOP
                 if rec.size_tokens + len(ids) + generated + 2 >= (await self._limit()) and finish == pb.LENGTH:
                     finish = pb.CONTEXT_FULL
+            cached = rec.size_tokens
+            counts = (len(ids), cached, generated)
+            now = time.time()
             if request.retain_turn:
                 added = len(ids) + generated + (1 if finish == pb.STOP else 0)
                 rec.size_tokens += added
-                rec.update_time = time.time()
+                rec.update_time = now
+                self.ledger.resize(rec.id, f"size:{rec.size_tokens}", t=now, tokens=rec.size_tokens, compute=counts)
                 self.registry.put(rec, size_delta=added)
+            else:
+                event = f"gen:{request.request_id}" if request.request_id else f"gen:{new_session_id()}"
+                self.ledger.charge(rec.id, tenant, event, t=now, prefill=len(ids), cached=cached, generated=generated)
             yield pb.GenerateResponse(
                 finish_reason=finish, group=rec.group,
-                usage=pb.Usage(prompt_tokens=len(ids), cached_tokens=rec.size_tokens if not request.retain_turn
-                               else rec.size_tokens - len(ids) - generated, generated_tokens=generated,
-                               cost=0.0))
+                usage=pb.Usage(prompt_tokens=len(ids), cached_tokens=cached, generated_tokens=generated,
+                               cost=to_money(self.rates.compute_nanos(*counts)), currency=self.rates.currency))
         except Exception as e:
             self._fail(grpc_context, e)
 
     async def _ensure_held(self, rec: SessionRecord):
-        """Before a stream starts: the group holds the session (restoring it if its replica restarted)."""
-        await self._on_group(rec, lambda h: h.describe.remote(rec.id))
+        """Before a stream starts: the group holds the session (restoring it if its replica restarted).
+        Promotion to the device happens as the request starts: billed from here."""
+        info = await self._on_group(rec, lambda h: h.describe.remote(rec.id))
+        self._observe(rec, info)
 
     def _sampling(self, request) -> dict:
         s = request.sampling
@@ -479,11 +621,72 @@ class Gateway:
                 groups.append(pb.GroupStatus(
                     id=gid, healthy=c["healthy"], sessions=c["sessions"], kv_bytes=c["kv_bytes"],
                     free_kv_bytes=c["free_kv_bytes"],
-                    ranks=[pb.RankStatus(rank=r["rank"], device=r["device"], healthy=r["healthy"]) for r in c["ranks"]]))
-            return pb.StatusResponse(groups=groups, sessions=self.registry.count())
+                    ranks=[pb.RankStatus(rank=r["rank"], device=r["device"], healthy=r["healthy"],
+                                         kv_bytes=r.get("kv_bytes", {}), free_kv_bytes=r.get("free_kv_bytes", 0))
+                           for r in c["ranks"]]))
+            try:
+                redis_ok = bool(self.registry.client.ping())
+                metered = len(self.ledger.open_sessions())
+            except Exception:
+                redis_ok, metered = False, 0
+            return pb.StatusResponse(groups=groups, sessions=self.registry.count() if redis_ok else 0,
+                                     redis_healthy=redis_ok, metered_sessions=metered)
         except Exception as e:
             self._fail(grpc_context, e)
 
+
+    # ------------------------------------------------------------------------------ usage
+
+    def _usage_scope(self, request, grpc_context) -> tuple[str, float, float, str | None]:
+        """(tenant, start, end, session id) of a usage request, checked."""
+        tenant, admin = self._auth(grpc_context)
+        if request.tenant and request.tenant != tenant:
+            if not admin:
+                raise RpcError(grpc.StatusCode.PERMISSION_DENIED,
+                               "reading another tenant's usage needs an admin API key")
+            tenant = request.tenant
+        if not request.HasField("start_time"):
+            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "start_time is required")
+        start = request.start_time.ToNanoseconds() / 1e9
+        end = request.end_time.ToNanoseconds() / 1e9 if request.HasField("end_time") else time.time()
+        self.ledger.check_range(start, end)
+        sid = None
+        if request.session:
+            m = NAME_RE.match(request.session)
+            if not m:
+                raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"session name {request.session!r} is malformed: "
+                               "expected 'sessions/s-' followed by 16 hex digits")
+            sid = m.group(1)
+            if self.ledger.session_tenant(sid) != tenant:  # deleted sessions keep their usage
+                raise RpcError(grpc.StatusCode.NOT_FOUND, f"no usage of session {sid} for tenant {tenant!r}")
+        return tenant, start, end, sid
+
+    async def GetUsage(self, request: pb.GetUsageRequest, grpc_context=None):
+        try:
+            tenant, start, end, sid = self._usage_scope(request, grpc_context)
+            by = {pb.USAGE_GROUP_BY_UNSPECIFIED: "session", pb.SESSION: "session", pb.TIER: "tier",
+                  pb.DAY: "day"}.get(request.group_by)
+            if by is None:
+                raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown group_by {request.group_by}")
+            u = await asyncio.get_running_loop().run_in_executor(
+                None, lambda: self.ledger.usage(tenant, start, end, by, session=sid))
+            return pb.GetUsageResponse(line_items=[_line_pb(i) for i in u["line_items"]], total=_line_pb(u["total"]),
+                                       currency=u["currency"], start_time=_ts(start), end_time=_ts(end),
+                                       accruing_cost=to_money(u["accruing_nanos"]))
+        except Exception as e:
+            self._fail(grpc_context, e)
+
+    async def ExportUsage(self, request: pb.ExportUsageRequest, grpc_context=None):
+        try:
+            tenant, start, end, sid = self._usage_scope(request, grpc_context)
+            fmt = {pb.EXPORT_FORMAT_UNSPECIFIED: "jsonl", pb.JSONL: "jsonl", pb.CSV: "csv"}.get(request.format)
+            if fmt is None:
+                raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown format {request.format}")
+            for chunk in self.ledger.export(tenant, start, end, fmt, session=sid):
+                if chunk:
+                    yield pb.ExportUsageChunk(data=chunk.encode())
+        except Exception as e:
+            self._fail(grpc_context, e)
 
     # -------------------------------------------------------------- grpc.health.v1 (no API key needed)
 
@@ -522,6 +725,16 @@ class Gateway:
             self._fail(grpc_context, e)
 
 
+def _line_pb(line: dict) -> pb.UsageLineItem:
+    item = pb.UsageLineItem(key=line["key"], prefill_tokens=line["prefill_tokens"],
+                            cached_tokens=line["cached_tokens"], generated_tokens=line["generated_tokens"],
+                            retention_cost=to_money(line["retention_nanos"]), compute_cost=to_money(line["compute_nanos"]),
+                            cost=to_money(line["retention_nanos"] + line["compute_nanos"]), records=line["records"])
+    for t, v in line["token_ms"].items():
+        item.token_seconds[t] = v / 1000
+    return item
+
+
 def _stop_at(text: str, stops: list[str]) -> int | None:
     hits = [text.find(s) for s in stops if s in text]
     return min(hits) if hits else None
@@ -536,6 +749,10 @@ def _status_of(e: BaseException) -> tuple[grpc.StatusCode, str]:
 
     if isinstance(e, LimitExceeded):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)
+    if isinstance(e, BelowMinimum):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(e)
+    if isinstance(e, BillingError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(e)
     if isinstance(e, (SessionError, KVNotFoundError)):
         return grpc.StatusCode.NOT_FOUND, str(e)
     if isinstance(e, PromptError):

@@ -22,6 +22,8 @@ from dataclasses import asdict
 from ray import serve
 
 from ringserve.workers.group import GroupConfig, WorkerGroup
+
+from .metrics import GroupRecorder, safe
 from ringserve.workers.sampling import SamplingParams
 
 
@@ -34,6 +36,7 @@ class SequenceParallelGroup:
         self._lock = threading.Lock()
         self.group = WorkerGroup(self.cfg, name=group_id)
         self.rebuilds = 0
+        self.recorder = GroupRecorder(group_id)
 
     def _ready(self) -> WorkerGroup:
         if not self.group.healthy:  # a rank died: start a fresh group; persisted sessions come back
@@ -53,7 +56,8 @@ class SequenceParallelGroup:
         return {"group": self.group_id, "free_kv_bytes": sum(s["free_device"] for s in stats),
                 "sessions": stats[0]["sessions"], "healthy": g.healthy,
                 "kv_bytes": {t: sum(s["bytes"].get(t, 0) for s in stats) for t in ("hbm", "host", "redis")},
-                "ranks": [{"rank": s["rank"], "device": s["device"], "healthy": g.healthy} for s in stats]}
+                "ranks": [{"rank": s["rank"], "device": s["device"], "healthy": g.healthy, "kv_bytes": s["bytes"],
+                           "free_kv_bytes": s["free_device"]} for s in stats]}
 
     def create(self, sid: str, ids: list[int], opts: dict, chunk: int):
         """Prefill `ids` as session `sid`; yields {"progress": (done, total)} after every chunk of
@@ -108,6 +112,16 @@ class SequenceParallelGroup:
     def delete(self, sid: str) -> None:
         with self._lock:
             self._ready().drop(sid)
+
+    def meter(self) -> dict:
+        """Apply the retention policy (idle demotion, watermarks), then report every session's tier
+        history for billing: {session: {"tier", "length", "moves": [(n, seconds ago, tier)]}}."""
+        with self._lock:
+            g = self._ready()
+            moved = g.tick()
+            sessions = g.sessions()[0]
+            safe(self.recorder.record, g.stats())
+            return {"group": self.group_id, "moved": moved, "sessions": sessions}
 
     def info(self) -> dict:
         return {"group": self.group_id, "config": asdict(self.cfg), "rebuilds": self.rebuilds}

@@ -151,5 +151,19 @@ class Registry:
         ids = self.client.zrangebyscore(f"{P}expiry", "-inf", now, start=0, num=limit)
         return [r for r in (self.get(i.decode()) for i in ids) if r is not None]
 
+    def states(self) -> dict[str, str]:
+        """Every live session's id and state ("creating" | "ready"), over all tenants."""
+        ids = [i.decode() for i in self.client.zrange(f"{P}expiry", 0, -1)]
+        out = {}
+        for i in range(0, len(ids), 1000):
+            part = ids[i:i + 1000]
+            pipe = self.client.pipeline(transaction=False)
+            for sid in part:
+                pipe.get(f"{P}sess:{sid}")
+            for sid, raw in zip(part, pipe.execute()):
+                if raw:
+                    out[sid] = json.loads(raw).get("state", "ready")
+        return out
+
     def count(self) -> int:
         return self.client.zcard(f"{P}expiry")

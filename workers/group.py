@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Iterator, Sequence
@@ -44,6 +45,9 @@ class GroupConfig:
     kv_host_bytes: int = 1 << 30
     kv_redis_bytes: int | None = None
     redis_url: str | None = None
+    kv_device_idle_s: float = 300.0  # a standard session idle this long moves device -> host
+    kv_host_idle_s: float = 3600.0  # ... and this long, host -> Redis
+    kv_cold_idle_s: float = 60.0  # a cold session idle this long moves to Redis
     kv_namespace: str = "sp"  # keys name "{kv_namespace}{P}-r{rank}", so a new group of the same P restores
 
 
@@ -52,6 +56,7 @@ class ShardWorker:
 
     def __init__(self, rank: int, world: int, cfg: dict):
         self.rank, self.world, self.cfg = rank, world, GroupConfig(**cfg)
+        self._busy_s = 0.0  # seconds spent in prefill / append (ring attention runs there)
         self.engine = None
         self.device = "cpu"
 
@@ -85,12 +90,13 @@ class ShardWorker:
         loaded = load_model(self.cfg.model, device=self.device)
         store = None
         if self.cfg.kv_device_bytes:
-            from .kvpolicy import TierCapacity
+            from .kvpolicy import IdlePolicy, TierCapacity
             from .kvstore import KVStore
 
             store = KVStore(f"{self.cfg.kv_namespace}{self.world}-r{self.rank}", loaded.fingerprint,
                             TierCapacity(self.cfg.kv_device_bytes, self.cfg.kv_host_bytes, self.cfg.kv_redis_bytes),
-                            redis_url=self.cfg.redis_url, device=self.device)
+                            redis_url=self.cfg.redis_url, device=self.device,
+                            idle=IdlePolicy(self.cfg.kv_device_idle_s, self.cfg.kv_host_idle_s, self.cfg.kv_cold_idle_s))
         self.engine = ShardEngine(loaded, dist.group.WORLD, max_context=self.cfg.max_context,
                                   prefill_chunk=self.cfg.prefill_chunk, block=self.cfg.block,
                                   timeout_s=self.cfg.collective_timeout_s, kvstore=store)
@@ -100,11 +106,15 @@ class ShardWorker:
 
     def prefill(self, sid: str, ids: list[int], opts: dict | None = None) -> dict:
         events = []
+        t0 = time.perf_counter()
         self.engine.prefill(sid, ids, progress=lambda d, t: events.append((d, t)), **(opts or {}))
+        self._busy_s += time.perf_counter() - t0
         return {**self._describe(sid), "progress": events}
 
     def append(self, sid: str, ids: list[int]) -> dict:
+        t0 = time.perf_counter()
         self.engine.append(sid, ids)
+        self._busy_s += time.perf_counter() - t0
         return self._describe(sid)
 
     def _describe(self, sid: str) -> dict:
@@ -120,7 +130,8 @@ class ShardWorker:
             meta = st.meta(sid)
         except KVNotFoundError:
             raise SessionError(f"session {sid!r} is not held by this group") from None
-        return {"length": meta.get("length", 0), "local_tokens": state.tokens, "tier": state.tier}
+        return {"length": meta.get("length", 0), "local_tokens": state.tokens, "tier": state.tier,
+                "moves": st.tier_moves(sid), "retention": st.retention(sid)}
 
     def restore(self, sid: str) -> dict:
         self.engine.restore(sid)
@@ -151,7 +162,11 @@ class ShardWorker:
 
     def stats(self) -> dict:
         st = self.engine.kvstore
-        base = {"rank": self.rank, "device": self.device}
+        comm = self.engine.comm
+        base = {"rank": self.rank, "device": self.device,
+                "ring": {"steps": getattr(comm, "steps", 0), "wait_s": getattr(comm, "wait_s", 0.0),
+                         "busy_s": self._busy_s},
+                "counters": st.counters() if st is not None else {}}
         if st is None:
             used = sum(s.cache.nbytes for s in self.engine.sessions.values())
             return {**base, "sessions": len(self.engine.sessions), "bytes": {"hbm": used}, "free_device": 0}
@@ -160,6 +175,11 @@ class ShardWorker:
         return {**base, "sessions": s["sessions"],
                 "bytes": {"hbm": t["device"]["bytes"], "host": t["host"]["bytes"], "redis": t["redis"]["bytes"]},
                 "free_device": max(0, t["device"]["capacity"] - t["device"]["bytes"])}
+
+    def tick(self) -> list[tuple[str, str, str]]:
+        """Apply the retention policy now (idle demotion, watermarks, write-through retries)."""
+        st = self.engine.kvstore
+        return st.tick() if st is not None else []
 
     def set_ttl(self, sid: str, ttl_s: float | None) -> None:
         st = self.engine.kvstore
@@ -286,6 +306,11 @@ class WorkerGroup:
     def stats(self) -> list[dict]:
         """Per rank: sessions, bytes per tier, free device-tier bytes."""
         return self._all([a.stats.remote() for a in self.ranks])
+
+    def tick(self) -> list[tuple[str, str, str]]:
+        """Apply every rank's retention policy now; rank 0's moves as (session, from, to). Ranks hold
+        equal shares and see the same accesses, so they move the same sessions."""
+        return self._all([a.tick.remote() for a in self.ranks])[0]
 
     def set_ttl(self, sid: str, ttl_s: float | None) -> None:
         self._all([a.set_ttl.remote(sid, ttl_s) for a in self.ranks])

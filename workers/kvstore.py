@@ -52,6 +52,7 @@ __all__ = ["KVStore", "KVShard", "KVState", "RedisOptions", "TierCapacity", "Wat
 
 log = logging.getLogger(__name__)
 _ALIGN = 64  # host-pool blocks start on 64-byte boundaries
+MOVE_HISTORY = 16  # tier changes remembered per session (read by the billing meter)
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,7 @@ class RedisTier:
         self._staging_mv = memoryview(self._staging.numpy()).cast("B")
         self._io = threading.Lock()  # one user of the staging buffer at a time
         self.error: str | None = None  # set while degraded: the last failure
+        self.errors = 0  # calls that failed after their retries (for metrics)
 
     @property
     def degraded(self) -> bool:
@@ -166,6 +168,7 @@ class RedisTier:
                 break
             time.sleep(pause)
         self.error = f"{type(err).__name__}: {err}"
+        self.errors += 1
         raise KVUnavailableError(
             f"Redis at {self._where()} is unreachable ({what}; {attempt + 1} attempts over "
             f"{time.monotonic() - t0:.2f} s; last error {self.error}). The KV stays in memory where it was; "
@@ -308,11 +311,15 @@ def _entry(header: dict) -> dict:
 class _Session:
     """Book-keeping of one session (all fields guarded by the store lock)."""
 
-    def __init__(self, sid: str, shape, dtype, meta, *, retention, persist, quantized, expire_at, now):
+    def __init__(self, sid: str, shape, dtype, meta, *, retention, persist, quantized, expire_at, now, clock):
         self.id, self.shape, self.dtype, self.meta = sid, tuple(shape), dtype, dict(meta)
         self.retention, self.persist, self.quantized = retention, persist, quantized
         self.expire_at, self.last_access = expire_at, now
-        self.tier: str | None = None  # "device" | "host" | "redis"
+        self._clock = clock
+        self._tier: str | None = None  # "device" | "host" | "redis"
+        # the last tier changes as (number, store-clock time, new tier); billing meters from these
+        self.moves: list[tuple[int, float, str]] = []
+        self.move_count = 0
         self.data: KVShard | None = None  # the in-memory copy (device tensors or host-pool views)
         self.host_off: int | None = None
         self.moving: tuple[str, str] | None = None
@@ -321,6 +328,17 @@ class _Session:
         self.redis_tokens = 0  # tokens [0, redis_tokens) are committed in Redis
         self.redis_bytes = 0
         self.wt_pending = False  # a write-through is queued or failed and waits for a retry
+
+    @property
+    def tier(self) -> str | None:
+        return self._tier
+
+    @tier.setter
+    def tier(self, value: str | None) -> None:
+        if value != self._tier and value is not None:
+            self.move_count += 1
+            self.moves = (self.moves + [(self.move_count, self._clock(), value)])[-MOVE_HISTORY:]
+        self._tier = value
 
     @property
     def nbytes(self) -> int:
@@ -358,6 +376,8 @@ class KVStore:
                       if redis_url else None)
         self.ropts = redis_options
         self._used = {"device": 0, "host": 0, "redis": 0}
+        # cumulative, for metrics: moves[(from, to)] = [count, bytes, seconds]; restores; lost
+        self._counters = {"moves": {}, "restores": 0, "lost": 0}
         self._sessions: dict[str, _Session] = {}
         self._lock = threading.RLock()
         self._redis_next_try = float("-inf")  # background Redis attempts wait for this store-clock time
@@ -388,7 +408,7 @@ class KVStore:
                 raise ValueError(f"session {session_id!r} is already stored on {self.namespace}; "
                                  "append to it or delete it first")
             s = _Session(session_id, shard.k.shape, shard.k.dtype, shard.meta, retention=retention, persist=persist,
-                         quantized=allow_quantized, expire_at=expire_at, now=self.clock())
+                         quantized=allow_quantized, expire_at=expire_at, now=self.clock(), clock=self.clock)
             self._make_room("device", s)
             s.data = self._to_device(shard)
             s.tier = "device"
@@ -523,11 +543,12 @@ class KVStore:
                     expire_at = self.clock() + max(0.0, pttl / 1000 - self.ropts.ttl_margin_s)
                 s = _Session(session_id, h["shape"], dtype_from_name(h["dtype"]), h["meta"],
                              retention=h["retention"], persist=h["persist"], quantized=h["encoding"] == "int8",
-                             expire_at=expire_at, now=self.clock())
+                             expire_at=expire_at, now=self.clock(), clock=self.clock)
                 s.tier, s.entries, s.redis_tokens = "redis", h["values"], h["shape"][2]
                 s.redis_bytes = sum(e["nbytes"] for e in s.entries)
                 self._used["redis"] += s.redis_bytes
                 self._sessions[session_id] = s
+                self._counters["restores"] += 1
             s.last_access = self.clock()
             if to == "device" and s.tier != "device":
                 self._promote(s)
@@ -578,6 +599,33 @@ class KVStore:
             return {"namespace": self.namespace, "sessions": len(ss), "lost": sum(1 for s in ss if s.lost),
                     "moving": sum(1 for s in ss if s.moving), "tiers": tiers}
 
+    def counters(self) -> dict:
+        """Cumulative counts for metrics: {"moves": {(from, to): [count, bytes, seconds]}, "restores",
+        "lost", "redis_errors"}; bytes are the session's in-memory size."""
+        with self._lock:
+            return {"moves": {k: list(v) for k, v in self._counters["moves"].items()},
+                    "restores": self._counters["restores"], "lost": self._counters["lost"],
+                    "redis_errors": self.redis.errors if self.redis else 0}
+
+    def retention(self, session_id: str) -> str:
+        with self._lock:
+            return self._session(session_id, allow_lost=True).retention
+
+    def _count_move(self, src: str, dst: str, nbytes: int, t0: float) -> None:
+        c = self._counters["moves"].setdefault((src, dst), [0, 0, 0.0])
+        c[0] += 1
+        c[1] += nbytes
+        c[2] += max(0.0, self.clock() - t0)
+
+    def tier_moves(self, session_id: str) -> list[tuple[int, float, str]]:
+        """The session's last tier changes as (number, seconds ago, new tier), oldest first; the
+        first entry is its placement. Numbers increase by one per change, so a reader can tell
+        which it has seen."""
+        with self._lock:
+            s = self._session(session_id, allow_lost=True)
+            now = self.clock()
+            return [(n, max(0.0, now - t), tier) for n, t, tier in s.moves]
+
     def meta(self, session_id: str) -> dict:
         """The session's metadata (as given with its last put or append)."""
         with self._lock:
@@ -625,8 +673,10 @@ class KVStore:
             if t == "redis" and self.redis is not None:
                 if background and not self._redis_due():
                     return False
+                t0 = self.clock()
                 if self._persist_now(s, background=background):
                     src = s.tier
+                    self._count_move(src, "redis", s.nbytes, t0)
                     s.moving = (src, "redis")
                     self._drop_memory(s)
                     s.tier, s.moving = "redis", None
@@ -647,12 +697,14 @@ class KVStore:
         off = self._host_alloc(s)
         if off is None:
             return False
+        t0 = self.clock()
         s.moving = (s.tier, "host")
         dst = self.host.views(off, s.shape, s.dtype)
         self._copy([dst.k, dst.v, dst.positions], [s.data.k, s.data.v, s.data.positions])
         self._drop_memory(s)
         s.data, s.host_off, s.tier, s.moving = KVShard(dst.k, dst.v, dst.positions, s.meta), off, "host", None
         self._used["host"] += s.nbytes
+        self._count_move("device", "host", s.nbytes, t0)
         return True
 
     def _host_alloc(self, s: _Session) -> int | None:
@@ -670,7 +722,7 @@ class KVStore:
         if s.lost:
             raise KVDataLossError(f"session {s.id!r} is lost: {s.lost}")
         self._make_room("device", s)
-        src = s.tier
+        src, t0 = s.tier, self.clock()
         s.moving = (src, "device")
         try:
             dev = KVShard(*(torch.empty(s.shape, dtype=s.dtype, device=self.device) for _ in range(2)),
@@ -684,11 +736,12 @@ class KVStore:
             s.moving = None
         s.data, s.tier = dev, "device"
         self._used["device"] += s.nbytes
+        self._count_move(src, "device", s.nbytes, t0)
 
     def _load_to_host(self, s: _Session) -> None:
         if not self._fits_host(s) or (off := self._host_alloc(s)) is None:
             raise KVCapacityError(f"the host tier of {self.namespace} cannot hold session {s.id!r} ({s.nbytes} bytes)")
-        s.moving = ("redis", "host")
+        s.moving, t0 = ("redis", "host"), self.clock()
         views = self.host.views(off, s.shape, s.dtype)
         try:
             self._read_redis(s, views)
@@ -699,6 +752,7 @@ class KVStore:
             s.moving = None
         s.data, s.host_off, s.tier = KVShard(views.k, views.v, views.positions, s.meta), off, "host"
         self._used["host"] += s.nbytes
+        self._count_move("redis", "host", s.nbytes, t0)
 
     def _drop_memory(self, s: _Session) -> None:
         if s.tier == "device" and s.data is not None:
@@ -862,6 +916,7 @@ class KVStore:
     def _lost(self, s: _Session, reason: str) -> KVDataLossError:
         """Mark s lost (its memory copy, if any, is dropped) and return the error to raise."""
         s.lost, s.moving = reason, None
+        self._counters["lost"] += 1
         self._drop_memory(s)
         return KVDataLossError(f"session {s.id!r} on {self.namespace} is lost: {reason}. It was not loaded; "
                               "delete it and create the session again")

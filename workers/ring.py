@@ -261,6 +261,7 @@ class RingComm:
         self.timeout = _dt.timedelta(seconds=timeout_s)
         self._reqs: list = []
         self.wait_s = 0.0
+        self.steps = 0  # transfers waited for (one per ring step)
 
     def send_recv(self, send: torch.Tensor, recv: torch.Tensor):
         ops = [dist.P2POp(dist.isend, send, self.next, self.group),
@@ -277,6 +278,7 @@ class RingComm:
             if ok is False:
                 raise CommTimeout(f"ring transfer timed out after {self.timeout}")
         self._reqs = []
+        self.steps += 1
         self.wait_s += time.perf_counter() - t0
 
 

@@ -26,8 +26,8 @@ def free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, binary: str, workdir: Path):
-        self.binary, self.dir = binary, workdir
+    def __init__(self, binary: str, workdir: Path, *, aof: bool = False):
+        self.binary, self.dir, self.aof = binary, workdir, aof
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
 
@@ -44,7 +44,8 @@ class RedisServer:
             return
         # A save point that never fires on its own, so SIGTERM writes dump.rdb and a restart reloads it.
         args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
-                "--save", "86400 1", "--appendonly", "no", "--protected-mode", "yes",
+                "--save", "86400 1",
+                *(["--appendonly", "yes", "--appendfsync", "always"] if self.aof else ["--appendonly", "no"]), "--protected-mode", "yes",
                 "--logfile", str(self.dir / "redis.log"), "--proto-max-bulk-len", "512mb"]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
@@ -96,3 +97,16 @@ def redis_url(redis_server) -> str:
     redis_server.start()
     redis_server.client().flushall()
     return redis_server.url
+
+
+@pytest.fixture
+def aof_redis(tmp_path):
+    """A redis-server of its own with the append-only file on (fsync on every write), as the chart
+    runs the billing Redis: a SIGKILL loses nothing."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server not installed")
+    server = RedisServer(binary, tmp_path, aof=True)
+    server.start()
+    yield server
+    server.kill()

@@ -48,8 +48,16 @@ def test_serve_then_session_ask_status_delete(tmp_path):
         r = cli("ask", name, "Ring attention", "--max-tokens", "5", env=env)
         assert r.returncode == 0 and r.stdout.strip(), r.stderr
         r = cli("status", env=env)
-        assert r.returncode == 0 and "group-0" in r.stdout and "1 session(s)" in r.stdout, r.stdout + r.stderr
+        assert r.returncode == 0 and "group-0" in r.stdout and "1 session(s), 1 metered" in r.stdout, r.stdout + r.stderr
+        assert "Redis ok" in r.stdout and "rank 0" in r.stdout and "cpu" in r.stdout, r.stdout
         assert cli("session", "list", env=env).stdout.count("sessions/s-") == 1
+        r = cli("usage", "--since", "24h", env=env)
+        sid = name.split("/")[1]
+        assert r.returncode == 0 and sid in r.stdout and "cost USD" in r.stdout and "total" in r.stdout, r.stdout
+        r = cli("usage", "--since", "1h", "--format", "csv", env=env)
+        assert r.returncode == 0 and r.stdout.startswith("id,event,tenant") and f"{sid}:c1" in r.stdout, r.stdout
+        r = cli("usage", "--since", "1h", "--group-by", "week", env=env)
+        assert r.returncode != 0 and "invalid choice" in r.stderr
         assert cli("session", "delete", name, env=env).returncode == 0
         r = cli("session", "get", name, env=env)
         assert r.returncode == 2 and "NOT_FOUND" in r.stderr

@@ -13,6 +13,7 @@ ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow
 
 KEY_A, KEY_B = "key-tenant-a", "key-tenant-b"
+METRICS_PORT = 0  # the local Ray's Prometheus endpoint (set by the cluster fixture)
 FILLER = [
     "The committee met on Tuesday to review the quarterly budget and the plans for the new library wing.",
     "Rainfall in the northern valley was slightly above average, which pleased the local farmers.",
@@ -44,10 +45,16 @@ def cluster():
         "grpc_port": port, "http_port": free_port(), "redis_url": redis.url, "model": "default", "groups": 2,
         "sweep_interval_s": 1.0, "progress_chunk": 1024, "limits": {"max_sessions": 8, "max_tokens": 20000},
         "group": {"sp": 2, "num_cpus_per_rank": 0.25, "kv_device_bytes": 256 << 20, "kv_host_bytes": 256 << 20,
-                  "redis_url": redis.url, "collective_timeout_s": 60, "call_timeout_s": 300},
+                  "redis_url": redis.url, "collective_timeout_s": 60, "call_timeout_s": 300,
+                  "kv_cold_idle_s": 2.0},  # cold sessions go to Redis after 2 s idle
+        "billing": {"meter_interval_s": 1.0, "min_session_tokens": 4, "prefill_per_mtok": 0.5,
+                    "cached_per_mtok": 0.05, "generated_per_mtok": 2.0},
         "api_keys": [vars(ApiKey.from_plain(KEY_A, "tenant-a", admin=True)), vars(ApiKey.from_plain(KEY_B, "tenant-b"))],
     })
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    global METRICS_PORT
+    METRICS_PORT = free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=METRICS_PORT,
+             _system_config={"metrics_report_interval_ms": 1000})
     start(cfg)
     yield f"localhost:{port}"
     serve.shutdown()
@@ -198,3 +205,140 @@ def test_killing_the_group_replica_restores_a_write_through_session(client):
     again = s.generate(QUESTION, max_tokens=12)
     assert again.text() == first  # restored from Redis and answered the same
     s.delete()
+
+
+def test_billing_is_visible_on_sessions_requests_and_usage(cluster, client):
+    from datetime import datetime, timedelta, timezone
+
+    s = client.create_session(haystack(12, "The secret password is MANGO-5."), ttl="1h")
+    try:
+        g = s.generate(QUESTION, max_tokens=8)
+        g.text()
+        u = g.usage
+        assert u.currency == "USD"
+        want = (u.prompt_tokens * 0.5 + u.cached_tokens * 0.05 + u.generated_tokens * 2.0) / 1e6
+        assert u.cost == pytest.approx(want, rel=1e-9) and u.cost > 0
+        first = client.get_session(s.name)
+        time.sleep(1.5)
+        second = client.get_session(s.name)
+        grown = second.token_seconds["hbm"] - first.token_seconds["hbm"]
+        elapsed = (second.billed_through - first.billed_through).total_seconds()
+        assert grown == pytest.approx(s.size_tokens * elapsed, rel=0.01) and elapsed > 1.0
+        assert second.cost_accrued > first.cost_accrued > 0 and second.currency == "USD"
+        assert second.compute_cost == pytest.approx((s.size_tokens * 0.5 + u.prompt_tokens * 0.5 + u.cached_tokens
+                                                     * 0.05 + u.generated_tokens * 2.0) / 1e6, rel=1e-9)
+        usage = client.usage("1h", group_by="session")
+        line = {i.key: i for i in usage.line_items}[s.id]
+        assert line.prefill_tokens == s.size_tokens + u.prompt_tokens and line.generated_tokens == u.generated_tokens
+        assert line.token_seconds["hbm"] > 0 and usage.currency == "USD"
+        rows = "".join(client.export_usage("1h", format="csv", session=s.name)).strip().splitlines()
+        assert rows[0].startswith("id,event,tenant,session") and any(f"{s.id}:c1" in r for r in rows[1:])
+        # a tenant sees only its own usage, and bad queries get clear codes
+        with Client(cluster, api_key=KEY_B) as b:
+            assert s.id not in [i.key for i in b.usage("1h").line_items]
+            with pytest.raises(errors.NotFound):
+                b.usage("1h", session=s.name)
+            with pytest.raises(errors.PermissionDenied):
+                b.usage("1h", tenant="tenant-a")
+        now = datetime.now(timezone.utc)
+        with pytest.raises(errors.InvalidArgument, match="after start_time"):
+            client.usage(start=now, end=now - timedelta(hours=1))
+        with pytest.raises(errors.InvalidArgument, match="93 days"):
+            client.usage(start=now - timedelta(days=100))
+        with pytest.raises(errors.FailedPrecondition, match="at least 4 tokens"):
+            client.create_session(tokens=[1, 2, 3])
+    finally:
+        s.delete()
+    done = client.usage("1h", session=s.name).total
+    time.sleep(1.2)
+    assert client.usage("1h", session=s.name).total == done  # deletion stopped accrual
+
+
+def test_expiry_stops_accrual_at_the_expire_time(client):
+    s = client.create_session("A note that is kept for two seconds only.", ttl=2)
+    expire = s.expire_time
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            client.get_session(s.name)
+        except errors.NotFound:
+            break
+        time.sleep(0.5)
+    rows = "".join(client.export_usage("1h", format="jsonl", session=s.name)).splitlines()
+    import json
+    from datetime import datetime
+
+    ends = [datetime.fromisoformat(json.loads(r)["end"].replace("Z", "+00:00")) for r in rows
+            if json.loads(r)["kind"] == "retention"]
+    assert ends and abs((max(ends) - expire).total_seconds()) <= 0.001  # billed up to the expiry, not the sweep
+
+
+def test_cold_session_moves_to_redis_is_billed_there_and_comes_back(client):
+    s = client.create_session(haystack(12, "The secret password is LEMON-8."), ttl="1h", retention="cold")
+    try:
+        deadline = time.time() + 30
+        while time.time() < deadline and s.refresh().tier != "redis":
+            time.sleep(0.5)
+        assert s.tier == "redis"  # idle 2 s: the meter's policy pass moved it
+        time.sleep(1.5)
+        ts = s.refresh().token_seconds
+        assert ts["redis"] > s.size_tokens * 1.0 and ts["hbm"] >= s.size_tokens * 1.5
+        assert "LEMON" in s.generate(QUESTION, max_tokens=12).text().upper()  # promoted back, same answer
+        assert s.refresh().tier == "hbm"
+    finally:
+        s.delete()
+
+
+def scrape() -> dict[str, list[tuple[dict, float]]]:
+    """The node's Prometheus endpoint: metric name -> [(labels, value)]."""
+    import re
+    import urllib.request
+
+    body = urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).read().decode()
+    out: dict = {}
+    for line in body.splitlines():
+        m = re.match(r"^(ray_ringserve_[a-z_]+)(?:\{(.*)\})? ([-+0-9.eE]+|NaN)$", line)
+        if m:
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
+            out.setdefault(m.group(1), []).append((labels, float(m.group(3))))
+    return out
+
+
+def total(samples, name: str, **labels) -> float:
+    return sum(v for lab, v in samples.get(name, []) if all(lab.get(k) == w for k, w in labels.items()))
+
+
+def test_metrics_are_exported_after_a_session_is_created_moved_and_billed(client):
+    s = client.create_session(haystack(12, "The secret password is PLUM-3."), ttl="1h", retention="cold")
+    try:
+        s.generate(QUESTION, max_tokens=4).text()
+        deadline = time.time() + 60
+        want = {"ray_ringserve_tier_moves_total", "ray_ringserve_retention_token_seconds_total",
+                "ray_ringserve_time_to_first_token_seconds_count", "ray_ringserve_prefill_tokens_total",
+                "ray_ringserve_kv_bytes", "ray_ringserve_sessions", "ray_ringserve_inter_token_latency_seconds_count",
+                "ray_ringserve_ring_comm_wait_ratio", "ray_ringserve_tier_move_bytes_total"}
+        samples = {}
+        while time.time() < deadline:
+            if s.refresh().tier == "redis":
+                samples = scrape()
+                if want <= samples.keys() and total(samples, "ray_ringserve_tier_moves_total", to_tier="redis") \
+                        and total(samples, "ray_ringserve_sessions", tier="redis", retention_class="cold"):
+                    break
+            time.sleep(1.0)
+        missing = want - samples.keys()
+        assert not missing, f"not exported: {sorted(missing)}"
+        assert total(samples, "ray_ringserve_tier_moves_total", from_tier="hbm", to_tier="redis") >= 1
+        assert total(samples, "ray_ringserve_tier_move_bytes_total", to_tier="redis") >= s.kv_bytes / 2
+        assert total(samples, "ray_ringserve_retention_token_seconds_total", tier="hbm") > 0
+        assert total(samples, "ray_ringserve_prefill_tokens_total") >= s.size_tokens
+        assert total(samples, "ray_ringserve_time_to_first_token_seconds_count") >= 1
+        assert total(samples, "ray_ringserve_sessions", tier="redis", retention_class="cold") >= 1
+        ratio = [v for _, v in samples["ray_ringserve_ring_comm_wait_ratio"]]
+        assert all(0 <= v <= 1 for v in ratio)
+        st = client.status()  # the admin view: every rank, its device and KV per tier; billing in step
+        assert st.redis_healthy and st.metered_sessions == st.sessions >= 1
+        assert sorted(len(g.ranks) for g in st.groups) == [2, 2] and all(r.device == "cpu" for g in st.groups
+                                                                            for r in g.ranks)
+        assert sum(r.kv_bytes.get("redis", 0) for g in st.groups for r in g.ranks) > 0
+    finally:
+        s.delete()

@@ -42,6 +42,19 @@ class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     LENGTH: _ClassVar[FinishReason]
     STOP_SEQUENCE: _ClassVar[FinishReason]
     CONTEXT_FULL: _ClassVar[FinishReason]
+
+class UsageGroupBy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    USAGE_GROUP_BY_UNSPECIFIED: _ClassVar[UsageGroupBy]
+    SESSION: _ClassVar[UsageGroupBy]
+    TIER: _ClassVar[UsageGroupBy]
+    DAY: _ClassVar[UsageGroupBy]
+
+class ExportFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EXPORT_FORMAT_UNSPECIFIED: _ClassVar[ExportFormat]
+    JSONL: _ClassVar[ExportFormat]
+    CSV: _ClassVar[ExportFormat]
 TIER_UNSPECIFIED: Tier
 HBM: Tier
 HOST: Tier
@@ -60,6 +73,13 @@ STOP: FinishReason
 LENGTH: FinishReason
 STOP_SEQUENCE: FinishReason
 CONTEXT_FULL: FinishReason
+USAGE_GROUP_BY_UNSPECIFIED: UsageGroupBy
+SESSION: UsageGroupBy
+TIER: UsageGroupBy
+DAY: UsageGroupBy
+EXPORT_FORMAT_UNSPECIFIED: ExportFormat
+JSONL: ExportFormat
+CSV: ExportFormat
 
 class TokenIds(_message.Message):
     __slots__ = ("ids",)
@@ -82,7 +102,7 @@ class ChatMessages(_message.Message):
     def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ...) -> None: ...
 
 class Session(_message.Message):
-    __slots__ = ("name", "display_name", "tenant", "size_tokens", "tier", "retention", "persist", "create_time", "expire_time", "ttl", "update_time", "group", "kv_bytes", "allow_quantized_kv", "token_seconds", "cost_accrued", "currency", "billed_through")
+    __slots__ = ("name", "display_name", "tenant", "size_tokens", "tier", "retention", "persist", "create_time", "expire_time", "ttl", "update_time", "group", "kv_bytes", "allow_quantized_kv", "token_seconds", "cost_accrued", "currency", "billed_through", "retention_cost", "compute_cost")
     class TokenSecondsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -108,6 +128,8 @@ class Session(_message.Message):
     COST_ACCRUED_FIELD_NUMBER: _ClassVar[int]
     CURRENCY_FIELD_NUMBER: _ClassVar[int]
     BILLED_THROUGH_FIELD_NUMBER: _ClassVar[int]
+    RETENTION_COST_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_COST_FIELD_NUMBER: _ClassVar[int]
     name: str
     display_name: str
     tenant: str
@@ -126,7 +148,9 @@ class Session(_message.Message):
     cost_accrued: float
     currency: str
     billed_through: _timestamp_pb2.Timestamp
-    def __init__(self, name: _Optional[str] = ..., display_name: _Optional[str] = ..., tenant: _Optional[str] = ..., size_tokens: _Optional[int] = ..., tier: _Optional[_Union[Tier, str]] = ..., retention: _Optional[_Union[RetentionClass, str]] = ..., persist: _Optional[_Union[PersistMode, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., group: _Optional[str] = ..., kv_bytes: _Optional[int] = ..., allow_quantized_kv: _Optional[bool] = ..., token_seconds: _Optional[_Mapping[str, float]] = ..., cost_accrued: _Optional[float] = ..., currency: _Optional[str] = ..., billed_through: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    retention_cost: float
+    compute_cost: float
+    def __init__(self, name: _Optional[str] = ..., display_name: _Optional[str] = ..., tenant: _Optional[str] = ..., size_tokens: _Optional[int] = ..., tier: _Optional[_Union[Tier, str]] = ..., retention: _Optional[_Union[RetentionClass, str]] = ..., persist: _Optional[_Union[PersistMode, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., group: _Optional[str] = ..., kv_bytes: _Optional[int] = ..., allow_quantized_kv: _Optional[bool] = ..., token_seconds: _Optional[_Mapping[str, float]] = ..., cost_accrued: _Optional[float] = ..., currency: _Optional[str] = ..., billed_through: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., retention_cost: _Optional[float] = ..., compute_cost: _Optional[float] = ...) -> None: ...
 
 class CreateSessionRequest(_message.Message):
     __slots__ = ("text", "token_ids", "messages", "ttl", "expire_time", "retention", "persist", "display_name", "allow_quantized_kv", "request_id")
@@ -285,14 +309,25 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class RankStatus(_message.Message):
-    __slots__ = ("rank", "device", "healthy")
+    __slots__ = ("rank", "device", "healthy", "kv_bytes", "free_kv_bytes")
+    class KvBytesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     RANK_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FREE_KV_BYTES_FIELD_NUMBER: _ClassVar[int]
     rank: int
     device: str
     healthy: bool
-    def __init__(self, rank: _Optional[int] = ..., device: _Optional[str] = ..., healthy: _Optional[bool] = ...) -> None: ...
+    kv_bytes: _containers.ScalarMap[str, int]
+    free_kv_bytes: int
+    def __init__(self, rank: _Optional[int] = ..., device: _Optional[str] = ..., healthy: _Optional[bool] = ..., kv_bytes: _Optional[_Mapping[str, int]] = ..., free_kv_bytes: _Optional[int] = ...) -> None: ...
 
 class GroupStatus(_message.Message):
     __slots__ = ("id", "ranks", "sessions", "kv_bytes", "free_kv_bytes", "healthy")
@@ -318,9 +353,92 @@ class GroupStatus(_message.Message):
     def __init__(self, id: _Optional[str] = ..., ranks: _Optional[_Iterable[_Union[RankStatus, _Mapping]]] = ..., sessions: _Optional[int] = ..., kv_bytes: _Optional[_Mapping[str, int]] = ..., free_kv_bytes: _Optional[int] = ..., healthy: _Optional[bool] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("groups", "sessions")
+    __slots__ = ("groups", "sessions", "redis_healthy", "metered_sessions")
     GROUPS_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    REDIS_HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    METERED_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     groups: _containers.RepeatedCompositeFieldContainer[GroupStatus]
     sessions: int
-    def __init__(self, groups: _Optional[_Iterable[_Union[GroupStatus, _Mapping]]] = ..., sessions: _Optional[int] = ...) -> None: ...
+    redis_healthy: bool
+    metered_sessions: int
+    def __init__(self, groups: _Optional[_Iterable[_Union[GroupStatus, _Mapping]]] = ..., sessions: _Optional[int] = ..., redis_healthy: _Optional[bool] = ..., metered_sessions: _Optional[int] = ...) -> None: ...
+
+class GetUsageRequest(_message.Message):
+    __slots__ = ("tenant", "start_time", "end_time", "group_by", "session")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    END_TIME_FIELD_NUMBER: _ClassVar[int]
+    GROUP_BY_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    start_time: _timestamp_pb2.Timestamp
+    end_time: _timestamp_pb2.Timestamp
+    group_by: UsageGroupBy
+    session: str
+    def __init__(self, tenant: _Optional[str] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., group_by: _Optional[_Union[UsageGroupBy, str]] = ..., session: _Optional[str] = ...) -> None: ...
+
+class UsageLineItem(_message.Message):
+    __slots__ = ("key", "token_seconds", "prefill_tokens", "cached_tokens", "generated_tokens", "retention_cost", "compute_cost", "cost", "records")
+    class TokenSecondsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    RETENTION_COST_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_COST_FIELD_NUMBER: _ClassVar[int]
+    COST_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    token_seconds: _containers.ScalarMap[str, float]
+    prefill_tokens: int
+    cached_tokens: int
+    generated_tokens: int
+    retention_cost: float
+    compute_cost: float
+    cost: float
+    records: int
+    def __init__(self, key: _Optional[str] = ..., token_seconds: _Optional[_Mapping[str, float]] = ..., prefill_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., retention_cost: _Optional[float] = ..., compute_cost: _Optional[float] = ..., cost: _Optional[float] = ..., records: _Optional[int] = ...) -> None: ...
+
+class GetUsageResponse(_message.Message):
+    __slots__ = ("line_items", "total", "currency", "start_time", "end_time", "accruing_cost")
+    LINE_ITEMS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    CURRENCY_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    END_TIME_FIELD_NUMBER: _ClassVar[int]
+    ACCRUING_COST_FIELD_NUMBER: _ClassVar[int]
+    line_items: _containers.RepeatedCompositeFieldContainer[UsageLineItem]
+    total: UsageLineItem
+    currency: str
+    start_time: _timestamp_pb2.Timestamp
+    end_time: _timestamp_pb2.Timestamp
+    accruing_cost: float
+    def __init__(self, line_items: _Optional[_Iterable[_Union[UsageLineItem, _Mapping]]] = ..., total: _Optional[_Union[UsageLineItem, _Mapping]] = ..., currency: _Optional[str] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., accruing_cost: _Optional[float] = ...) -> None: ...
+
+class ExportUsageRequest(_message.Message):
+    __slots__ = ("tenant", "start_time", "end_time", "format", "session")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    END_TIME_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    start_time: _timestamp_pb2.Timestamp
+    end_time: _timestamp_pb2.Timestamp
+    format: ExportFormat
+    session: str
+    def __init__(self, tenant: _Optional[str] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., format: _Optional[_Union[ExportFormat, str]] = ..., session: _Optional[str] = ...) -> None: ...
+
+class ExportUsageChunk(_message.Message):
+    __slots__ = ("data",)
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    def __init__(self, data: _Optional[bytes] = ...) -> None: ...

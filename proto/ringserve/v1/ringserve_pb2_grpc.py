@@ -75,6 +75,16 @@ class RingServeStub:
                 request_serializer=ringserve_dot_proto_dot_ringserve_dot_v1_dot_ringserve__pb2.StatusRequest.SerializeToString,
                 response_deserializer=ringserve_dot_proto_dot_ringserve_dot_v1_dot_ringserve__pb2.StatusResponse.FromString,
                 _registered_method=True)
+        self.GetUsage = channel.unary_unary(
+                '/ringserve.v1.RingServe/GetUsage',
+                request_serializer=ringserve_dot_proto_dot_ringserve_dot_v1_dot_ringserve__pb2.GetUsageRequest.SerializeToString,
+                response_deserializer=ringserve_dot_proto_dot_ringserve_dot_v1_dot_ringserve__pb2.GetUsageResponse.FromString,
+                _registered_method=True)
+        self.ExportUsage = channel.unary_stream(
+                '/ringserve.v1.RingServe/ExportUsage',
+                request_serializer=ringserve_dot_proto_dot_ringserve_dot_v1_dot_ringserve__pb2.ExportUsageRequest.SerializeToString,
+                response_deserializer=ringserve_dot_proto_dot_ringserve_dot_v1_dot_ringserve__pb2.ExportUsageChunk.FromString,
+                _registered_method=True)
 
 
 class RingServeServicer:
@@ -140,6 +150,20 @@ class RingServeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetUsage(self, request, context):
+        """Usage and cost of a tenant over a time range, grouped into line items, with totals.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportUsage(self, request, context):
+        """Every usage record of a tenant over a time range, as CSV or JSON lines, for a billing system.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RingServeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -182,6 +206,16 @@ def add_RingServeServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=ringserve_dot_proto_dot_ringserve_dot_v1_dot_ringserve__pb2.StatusRequest.FromString,
                     response_serializer=ringserve_dot_proto_dot_ringserve_dot_v1_dot_ringserve__pb2.StatusResponse.SerializeToString,
+            ),
+            'GetUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUsage,
+                    request_deserializer=ringserve_dot_proto_dot_ringserve_dot_v1_dot_ringserve__pb2.GetUsageRequest.FromString,
+                    response_serializer=ringserve_dot_proto_dot_ringserve_dot_v1_dot_ringserve__pb2.GetUsageResponse.SerializeToString,
+            ),
+            'ExportUsage': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportUsage,
+                    request_deserializer=ringserve_dot_proto_dot_ringserve_dot_v1_dot_ringserve__pb2.ExportUsageRequest.FromString,
+                    response_serializer=ringserve_dot_proto_dot_ringserve_dot_v1_dot_ringserve__pb2.ExportUsageChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -400,6 +434,60 @@ class RingServe:
             '/ringserve.v1.RingServe/Status',
             ringserve_dot_proto_dot_ringserve_dot_v1_dot_ringserve__pb2.StatusRequest.SerializeToString,
             ringserve_dot_proto_dot_ringserve_dot_v1_dot_ringserve__pb2.StatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ringserve.v1.RingServe/GetUsage',
+            ringserve_dot_proto_dot_ringserve_dot_v1_dot_ringserve__pb2.GetUsageRequest.SerializeToString,
+            ringserve_dot_proto_dot_ringserve_dot_v1_dot_ringserve__pb2.GetUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/ringserve.v1.RingServe/ExportUsage',
+            ringserve_dot_proto_dot_ringserve_dot_v1_dot_ringserve__pb2.ExportUsageRequest.SerializeToString,
+            ringserve_dot_proto_dot_ringserve_dot_v1_dot_ringserve__pb2.ExportUsageChunk.FromString,
             options,
             channel_credentials,
             insecure,

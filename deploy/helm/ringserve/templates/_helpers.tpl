@@ -1,0 +1,154 @@
+{{/* Names and labels. */}}
+{{- define "ringserve.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "ringserve.labels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{- define "ringserve.selector" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{/* Label on the Ray pods: the NetworkPolicy lets only pods with it reach Redis. */}}
+{{- define "ringserve.rayClientLabel" -}}
+ringserve.io/redis-client: {{ .Release.Name | quote }}
+{{- end -}}
+
+{{- define "ringserve.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{- define "ringserve.redisHost" -}}
+{{- printf "%s-redis" (include "ringserve.fullname" .) -}}
+{{- end -}}
+
+{{/* The Redis URL the Ray pods use; ${REDIS_PASSWORD} is expanded by ringserve from the pod env. */}}
+{{- define "ringserve.redisUrl" -}}
+{{- if .Values.redis.external.url -}}
+{{- .Values.redis.external.url -}}
+{{- else -}}
+{{- printf "redis://:${REDIS_PASSWORD}@%s:6379/0" (include "ringserve.redisHost" .) -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "ringserve.redisSecretName" -}}
+{{- if .Values.redis.external.url -}}
+{{- .Values.redis.external.passwordSecret.name -}}
+{{- else -}}
+{{- default (printf "%s-redis" (include "ringserve.fullname" .)) .Values.redis.auth.existingSecret -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "ringserve.redisSecretKey" -}}
+{{- if .Values.redis.external.url -}}
+{{- .Values.redis.external.passwordSecret.key -}}
+{{- else -}}
+{{- .Values.redis.auth.key -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "ringserve.apiKeysSecret" -}}
+{{- default (printf "%s-api-keys" (include "ringserve.fullname" .)) .Values.apiKeys.existingSecret -}}
+{{- end -}}
+
+{{/* The ringserve ServeConfig (cluster/config.py) the Serve app is built from. */}}
+{{- define "ringserve.serveArgs" -}}
+{{- $g := .Values.groups -}}
+{{- $b := .Values.billing -}}
+grpc_port: {{ .Values.serve.grpcPort }}
+http_port: {{ .Values.serve.httpPort }}
+redis_url: {{ include "ringserve.redisUrl" . | quote }}
+{{- if $b.redisUrl }}
+billing_redis_url: {{ $b.redisUrl | quote }}
+{{- end }}
+model: {{ .Values.model | quote }}
+groups: {{ $g.count }}
+group:
+  sp: {{ $g.sp }}
+  model: {{ .Values.model | quote }}
+  num_cpus_per_rank: {{ .Values.worker.cpusPerGpu }}
+  num_gpus_per_rank: 1
+  strategy: STRICT_PACK
+  prefill_chunk: {{ $g.prefillChunk }}
+  collective_timeout_s: {{ $g.collectiveTimeoutSeconds }}
+  kv_device_bytes: {{ $g.kvDeviceBytes | int64 }}
+  kv_host_bytes: {{ $g.kvHostBytes | int64 }}
+  redis_url: {{ include "ringserve.redisUrl" . | quote }}
+  kv_device_idle_s: {{ $g.idleSeconds.device }}
+  kv_host_idle_s: {{ $g.idleSeconds.host }}
+  kv_cold_idle_s: {{ $g.idleSeconds.cold }}
+api_keys_file: /etc/ringserve/api-keys/api-keys.yaml
+limits:
+  max_sessions: {{ .Values.limits.maxSessions }}
+  max_tokens: {{ .Values.limits.maxTokens | int64 }}
+default_ttl_s: {{ .Values.serve.defaultTtlSeconds }}
+max_ttl_s: {{ .Values.serve.maxTtlSeconds }}
+max_generate_tokens: {{ .Values.serve.maxGenerateTokens }}
+progress_chunk: {{ .Values.serve.progressChunk }}
+billing:
+  currency: {{ $b.currency | quote }}
+  retention: {{ toJson $b.retention }}
+  prefill_per_mtok: {{ $b.prefillPerMtok }}
+  cached_per_mtok: {{ $b.cachedPerMtok }}
+  generated_per_mtok: {{ $b.generatedPerMtok }}
+  min_session_tokens: {{ $b.minSessionTokens }}
+  meter_interval_s: {{ $b.meterIntervalSeconds }}
+{{- end -}}
+
+{{/* Env, volumes and mounts shared by the head and worker containers. */}}
+{{- define "ringserve.podEnv" -}}
+{{- if include "ringserve.redisSecretName" . }}
+- name: REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "ringserve.redisSecretName" . }}
+      key: {{ include "ringserve.redisSecretKey" . }}
+{{- end }}
+- name: RAY_SERVE_ENABLE_TASK_EVENTS
+  value: "0"
+{{- end -}}
+
+{{- define "ringserve.volumeMounts" -}}
+- name: api-keys
+  mountPath: /etc/ringserve/api-keys
+  readOnly: true
+- name: dshm
+  mountPath: /dev/shm
+{{- if .Values.modelVolume.mountPath }}
+- name: models
+  mountPath: {{ .Values.modelVolume.mountPath }}
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{- define "ringserve.volumes" -}}
+- name: api-keys
+  secret:
+    secretName: {{ include "ringserve.apiKeysSecret" . }}
+{{- if .Values.modelVolume.mountPath }}
+- name: models
+  {{- toYaml (omit .Values.modelVolume "mountPath") | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{- define "ringserve.rayPorts" -}}
+- {name: gcs-server, containerPort: 6379}
+- {name: dashboard, containerPort: 8265}
+- {name: client, containerPort: 10001}
+- {name: serve, containerPort: {{ .Values.serve.httpPort }}}
+- {name: serve-grpc, containerPort: {{ .Values.serve.grpcPort }}}
+{{- if .Values.metrics.enabled }}
+- {name: metrics, containerPort: {{ .Values.metrics.port }}}
+{{- end }}
+{{- end -}}

@@ -1,0 +1,235 @@
+"""The Helm chart, rendered offline by a real Helm engine (helm-python-sdk), validated against the
+Kubernetes schemas (kubernetes-validate), KubeRay v1.7.0's RayService CRD and Ray's ServeDeploySchema,
+and checked field by field where the CRD schema would accept anything."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from pathlib import Path
+
+import pytest
+import yaml
+
+helm_python = pytest.importorskip("helm_python", reason="helm-python-sdk not installed (part of the test extra)")
+kubernetes_validate = pytest.importorskip("kubernetes_validate")
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "deploy" / "helm" / "ringserve"
+CRDS = ROOT.parent / "shared" / "vendor" / "kuberay-crds"
+K8S_VERSION = "1.30"
+KEY = {"sha256": hashlib.sha256(b"secret-key").hexdigest(), "tenant": "acme", "admin": True}
+
+VALUE_SETS = {
+    "default": {},
+    "external-redis": {"redis": {"external": {"url": "redis://:${REDIS_PASSWORD}@redis.prod:6379/2",
+                                              "passwordSecret": {"name": "prod-redis", "key": "pw"}}},
+                       "apiKeys": {"keys": [KEY]}},
+    "4-gpus-3-groups": {"groups": {"count": 3, "sp": 4}, "worker": {"memoryPerGpu": "80Gi"},
+                        "metrics": {"podMonitor": {"enabled": True, "labels": {"release": "kps"}}}},
+    "metrics-off": {"metrics": {"enabled": False}, "networkPolicy": {"enabled": False},
+                    "apiKeys": {"existingSecret": "my-keys"}, "billing": {"redisUrl": "redis://billing:6379/0"}},
+}
+
+
+def render(values: dict) -> list[dict]:
+    chart = helm_python.Chart.load(str(CHART))
+    out = chart.render(copy.deepcopy(values), name="rs", namespace="ml")
+    docs = []
+    for path, text in out.items():
+        if path.endswith(".yaml"):
+            docs += [d for d in yaml.safe_load_all(text) if d]
+    return docs
+
+
+def by_kind(docs: list[dict], kind: str) -> list[dict]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+@pytest.fixture(scope="module", params=list(VALUE_SETS))
+def rendered(request):
+    return request.param, VALUE_SETS[request.param], render(VALUE_SETS[request.param])
+
+
+def test_lint_is_clean():
+    report = helm_python.lint(str(CHART), strict=True, kube_version="v1.30.0")
+    errors = [m for m in report["messages"] if m["severity"] >= 2] + report["errors"]
+    assert not errors, errors
+
+
+def test_core_objects_validate_against_kubernetes_schemas(rendered):
+    _, _, docs = rendered
+    core = [d for d in docs if d["apiVersion"] in ("v1", "apps/v1", "networking.k8s.io/v1")]
+    assert core
+    for d in core:
+        kubernetes_validate.validate(d, K8S_VERSION, strict=True)
+    # the pod templates inside the RayService are core PodTemplateSpecs: validate them as Pods
+    rs = by_kind(docs, "RayService")[0]["spec"]["rayClusterConfig"]
+    for tpl in [rs["headGroupSpec"]["template"]] + [w["template"] for w in rs["workerGroupSpecs"]]:
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x", **tpl["metadata"]}, "spec": tpl["spec"]}
+        kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
+
+
+def test_rayservice_validates_against_the_kuberay_crd(rendered):
+    jsonschema = pytest.importorskip("jsonschema")
+    path = CRDS / "ray.io_rayservices.yaml"
+    if not path.exists():
+        pytest.skip(f"KubeRay CRDs not found at {CRDS} (shared/vendor/kuberay-crds is not checked out here)")
+    crd = yaml.safe_load(path.read_text())
+    schema = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
+    _, _, docs = rendered
+    (rs,) = by_kind(docs, "RayService")
+    assert rs["apiVersion"] == "ray.io/v1"
+    jsonschema.validate(rs, schema)
+    unknown = list(_unknown_fields(rs, schema))
+    assert not unknown, f"fields the CRD does not define (it would accept and ignore them): {unknown}"
+    broken = copy.deepcopy(rs)
+    broken["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["replicas"] = "three"
+    with pytest.raises(jsonschema.ValidationError):  # the schema does bite
+        jsonschema.validate(broken, schema)
+
+
+def _unknown_fields(obj, schema, path="$"):
+    """Keys the schema does not define, where it defines properties (the CRD itself would let them
+    through silently, as it does not set additionalProperties: false)."""
+    if isinstance(obj, dict) and "properties" in schema and not schema.get("x-kubernetes-preserve-unknown-fields"):
+        for k, v in obj.items():
+            if k not in schema["properties"]:
+                yield f"{path}.{k}"
+            else:
+                yield from _unknown_fields(v, schema["properties"][k], f"{path}.{k}")
+    elif isinstance(obj, list) and "items" in schema:
+        for i, v in enumerate(obj):
+            yield from _unknown_fields(v, schema["items"], f"{path}[{i}]")
+
+
+def test_serve_config_parses_with_ray_and_builds_a_ringserve_config(rendered):
+    from ray.serve.schema import ServeDeploySchema
+
+    from ringserve.cluster.config import ServeConfig
+
+    name, values, docs = rendered
+    rs = by_kind(docs, "RayService")[0]["spec"]
+    serve = ServeDeploySchema.model_validate(yaml.safe_load(rs["serveConfigV2"]))
+    (app,) = serve.applications
+    assert app.import_path == "ringserve.cluster.serve_app:app_builder"
+    assert serve.grpc_options.port == values.get("serve", {}).get("grpcPort", 9000)
+    assert "ringserve.proto.ringserve.v1.ringserve_pb2_grpc.add_RingServeServicer_to_server" in \
+        serve.grpc_options.grpc_servicer_functions
+    cfg = ServeConfig.from_dict(app.args)  # the app builder's own parser accepts every key
+    groups = values.get("groups", {})
+    assert cfg.groups == groups.get("count", 2) and cfg.group.sp == groups.get("sp", 2)
+    assert cfg.group.num_gpus_per_rank == 1 and cfg.group.strategy == "STRICT_PACK"
+    assert cfg.api_keys_file == "/etc/ringserve/api-keys/api-keys.yaml"
+    assert cfg.billing.retention["standard"]["redis"] == 0.25
+    if name == "external-redis":
+        assert cfg.redis_url.endswith("@redis.prod:6379/2")
+    else:
+        assert "rs-ringserve-redis:6379" in app.args["redis_url"]
+    if name == "metrics-off":
+        assert cfg.billing_redis_url == "redis://billing:6379/0"
+
+
+def test_the_fields_the_chart_relies_on(rendered):
+    name, values, docs = rendered
+    groups = values.get("groups", {})
+    count, sp = groups.get("count", 2), groups.get("sp", 2)
+    rs = by_kind(docs, "RayService")[0]["spec"]
+    head = rs["rayClusterConfig"]["headGroupSpec"]
+    assert head["rayStartParams"]["num-gpus"] == "0"
+    (workers,) = rs["rayClusterConfig"]["workerGroupSpecs"]
+    assert workers["replicas"] == workers["minReplicas"] == workers["maxReplicas"] == count
+    assert workers["rayStartParams"]["num-gpus"] == str(sp)
+    wc = workers["template"]["spec"]["containers"][0]
+    assert wc["resources"]["limits"]["nvidia.com/gpu"] == str(sp) == wc["resources"]["requests"]["nvidia.com/gpu"]
+    assert wc["resources"]["limits"]["memory"] == wc["resources"]["requests"]["memory"]
+    # KubeRay >= 1.6 puts every head port named serve or serve-* on the serve Service it generates
+    assert "serveService" not in rs
+    head_ports = {p["name"]: p["containerPort"] for p in head["template"]["spec"]["containers"][0]["ports"]}
+    assert head_ports["serve-grpc"] == 9000 and head_ports["serve"] == 8000
+    for spec in (head["template"]["spec"], workers["template"]["spec"]):
+        assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["runAsUser"] != 0
+        c = spec["containers"][0]
+        assert c["securityContext"]["allowPrivilegeEscalation"] is False
+        assert c["image"] == "ghcr.io/ringserve/ringserve:0.1.0"
+        env = {e["name"]: e for e in c.get("env", [])}
+        mounts = {m["mountPath"] for m in c["volumeMounts"]}
+        assert "/etc/ringserve/api-keys" in mounts and "/dev/shm" in mounts
+        named = {p["name"] for p in c["ports"]}
+        assert "serve-grpc" in named
+        assert ("metrics" in named) == (name != "metrics-off")
+        if name == "external-redis":
+            assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "prod-redis", "key": "pw"}
+        else:
+            assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "rs-ringserve-redis"
+    metrics_port = "metrics-export-port" in head["rayStartParams"]
+    assert metrics_port == (name != "metrics-off")
+    secrets = {s["metadata"]["name"]: s for s in by_kind(docs, "Secret")}
+    keys_volume = next(v for v in head["template"]["spec"]["volumes"] if v["name"] == "api-keys")
+    if name == "metrics-off":
+        assert keys_volume["secret"]["secretName"] == "my-keys" and "rs-ringserve-api-keys" not in secrets
+    else:
+        keys = yaml.safe_load(secrets["rs-ringserve-api-keys"]["stringData"]["api-keys.yaml"])
+        assert keys == ([KEY] if name == "external-redis" else [])
+        from ringserve.cluster.config import load_api_keys  # the Gateway reads this very format
+        p = Path(__import__("tempfile").mkdtemp()) / "k.yaml"
+        p.write_text(secrets["rs-ringserve-api-keys"]["stringData"]["api-keys.yaml"])
+        assert [k.tenant for k in load_api_keys(str(p))] == [k["tenant"] for k in keys]
+    monitors = by_kind(docs, "PodMonitor")
+    assert bool(monitors) == (name == "4-gpus-3-groups")
+    if monitors:
+        assert monitors[0]["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+        assert monitors[0]["metadata"]["labels"]["release"] == "kps"
+
+
+def test_redis_statefulset_aof_pvc_and_network_policy(rendered):
+    name, _, docs = rendered
+    sts = by_kind(docs, "StatefulSet")
+    if name == "external-redis":
+        assert not sts and not by_kind(docs, "NetworkPolicy") and "rs-ringserve-redis" not in \
+            {s["metadata"]["name"] for s in by_kind(docs, "Secret")}
+        return
+    (redis,) = sts
+    conf = next(c for c in by_kind(docs, "ConfigMap") if c["metadata"]["name"] == "rs-ringserve-redis-config")
+    assert "appendonly yes" in conf["data"]["redis.conf"]
+    assert redis["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] == "100Gi"
+    assert redis["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+    (secret,) = [s for s in by_kind(docs, "Secret") if s["metadata"]["name"] == "rs-ringserve-redis"]
+    assert len(secret["data"]["password"]) >= 40  # base64 of 32 random characters
+    pols = by_kind(docs, "NetworkPolicy")
+    if name == "metrics-off":  # networkPolicy.enabled false
+        assert not pols
+        return
+    (pol,) = pols
+    assert pol["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "redis"
+    (rule,) = pol["spec"]["ingress"]
+    selector = rule["from"][0]["podSelector"]["matchLabels"]
+    rs = by_kind(docs, "RayService")[0]["spec"]["rayClusterConfig"]
+    for tpl in [rs["headGroupSpec"]["template"]] + [w["template"] for w in rs["workerGroupSpecs"]]:
+        assert selector.items() <= tpl["metadata"]["labels"].items()  # the Ray pods are let in
+    assert not selector.items() <= redis["spec"]["template"]["metadata"]["labels"].items()
+    assert rule["ports"] == [{"protocol": "TCP", "port": 6379}]
+
+
+def test_bad_values_fail_to_render_with_a_clear_message():
+    with pytest.raises(helm_python.HelmError, match="sha256 must be 64 hex digits"):
+        render({"apiKeys": {"keys": [{"sha256": "plaintext-key", "tenant": "acme"}]}})
+
+
+def test_dockerfile_matches_the_chart_and_the_package():
+    import re
+    import tomllib
+
+    text = (ROOT / "deploy" / "docker" / "Dockerfile").read_text()
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    ray_version = re.search(r"^ARG RAY_VERSION=(\S+)", text, re.M).group(1)
+    assert ray_version == values["rayVersion"]  # the image's Ray is the one KubeRay is told about
+    assert re.search(r"^FROM rayproject/ray:\$\{RAY_VERSION\}-py311-gpu$", text, re.M)
+    copied = set(re.findall(r"^COPY --chown=\S+ (\S+) \./\S+$", text, re.M))
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    dirs = set(pyproject["tool"]["setuptools"]["package-dir"].values())
+    assert dirs <= copied, f"package folders the image does not copy: {dirs - copied}"
+    assert all((ROOT / c).exists() for c in copied)
+    user = re.findall(r"^USER (\S+)$", text, re.M)[-1]
+    assert user.split(":")[0] == str(values["podSecurityContext"]["runAsUser"])  # runs as the chart expects
+    assert values["image"]["repository"] and f"{values['serve']['grpcPort']}" in text.split("EXPOSE")[1]
