@@ -81,12 +81,12 @@ def duration(ttl: TTL) -> duration_pb2.Duration:
     return d
 
 
-def timestamp(dt: datetime) -> timestamp_pb2.Timestamp:
+def timestamp(dt: datetime, what: str = "expire_time") -> timestamp_pb2.Timestamp:
     """An aware datetime -> Timestamp. Naive datetimes are refused: their zone is a guess."""
     if not isinstance(dt, datetime):
-        raise TypeError(f"expire_time must be a datetime, got {type(dt).__name__}")
+        raise TypeError(f"{what} must be a datetime, got {type(dt).__name__}")
     if dt.tzinfo is None or dt.utcoffset() is None:
-        raise ValueError("expire_time must be timezone-aware, e.g. datetime.now(timezone.utc) + timedelta(hours=2)")
+        raise ValueError(f"{what} must be timezone-aware, e.g. datetime.now(timezone.utc) + timedelta(hours=2)")
     ts = timestamp_pb2.Timestamp()
     ts.FromDatetime(dt)
     return ts
@@ -227,22 +227,25 @@ def usage_window(since: TTL | None, start: datetime | None, end: datetime | None
         raise ValueError("give exactly one of since= (e.g. '24h') or start=")
     if since is not None:
         start = datetime.now(timezone.utc) - timedelta(seconds=ttl_seconds(since))
-    return timestamp(start), (timestamp(end) if end is not None else None)
+    return timestamp(start, "start"), (timestamp(end, "end") if end is not None else None)
+
+
+def _scoped(req, since, start, end, session: str | None, tenant: str):
+    """Fill the window, tenant and session fields GetUsage and ExportUsage share."""
+    s, e = usage_window(since, start, end)
+    req.start_time.CopyFrom(s)
+    if e is not None:
+        req.end_time.CopyFrom(e)
+    req.tenant = tenant
+    req.session = session_name(session) if session else ""
+    return req
 
 
 def usage_request(since, start, end, *, group_by: str, session: str | None, tenant: str) -> pb.GetUsageRequest:
-    s, e = usage_window(since, start, end)
-    req = pb.GetUsageRequest(start_time=s, group_by=_choice(GROUP_BY, group_by, "group_by"), tenant=tenant,
-                             session=session_name(session) if session else "")
-    if e is not None:
-        req.end_time.CopyFrom(e)
-    return req
+    return _scoped(pb.GetUsageRequest(group_by=_choice(GROUP_BY, group_by, "group_by")), since, start, end,
+                   session, tenant)
 
 
 def export_request(since, start, end, *, format: str, session: str | None, tenant: str) -> pb.ExportUsageRequest:
-    s, e = usage_window(since, start, end)
-    req = pb.ExportUsageRequest(start_time=s, format=_choice(EXPORT_FORMAT, format, "format"), tenant=tenant,
-                                session=session_name(session) if session else "")
-    if e is not None:
-        req.end_time.CopyFrom(e)
-    return req
+    return _scoped(pb.ExportUsageRequest(format=_choice(EXPORT_FORMAT, format, "format")), since, start, end,
+                   session, tenant)

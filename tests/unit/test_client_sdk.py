@@ -552,3 +552,24 @@ def test_public_surface():
                  "InvalidArgument", "NotFound", "Unavailable", "DeadlineExceeded", "from_rpc_error"):
         assert name in rc.__all__ and hasattr(rc, name)
     assert issubclass(errors.Unknown, RingServeError)
+
+
+def test_usage_requests_are_checked_before_sending():
+    from datetime import datetime, timedelta, timezone
+
+    from ringserve.client import _wire
+
+    r = _wire.usage_request("2h", None, None, group_by="day", session="s-0123456789abcdef", tenant="")
+    age = datetime.now(timezone.utc) - r.start_time.ToDatetime(tzinfo=timezone.utc)
+    assert timedelta(hours=2) - timedelta(seconds=5) < age < timedelta(hours=2, seconds=5)
+    assert not r.HasField("end_time") and r.session == "sessions/s-0123456789abcdef"
+    with pytest.raises(ValueError, match="exactly one of since"):
+        _wire.usage_request("2h", datetime.now(timezone.utc), None, group_by="day", session=None, tenant="")
+    with pytest.raises(ValueError, match="exactly one of since"):
+        _wire.export_request(None, None, None, format="csv", session=None, tenant="")
+    with pytest.raises(ValueError, match="group_by must be one of"):
+        _wire.usage_request("1h", None, None, group_by="week", session=None, tenant="")
+    with pytest.raises(ValueError, match="format must be one of"):
+        _wire.export_request("1h", None, None, format="xml", session=None, tenant="")
+    with pytest.raises(ValueError, match="start must be timezone-aware"):
+        _wire.usage_request(None, datetime.now(), None, group_by="day", session=None, tenant="")
