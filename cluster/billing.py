@@ -351,13 +351,15 @@ class Ledger:
             raise BelowMinimum(f"a session must retain at least {self.rates.min_session_tokens} tokens "
                                f"(billing.min_session_tokens); this one has {tokens}")
 
-    def resize(self, sid: str, event: str, *, t: float, tokens: int, compute: tuple[int, int, int] | None = None):
+    def resize(self, sid: str, event: str, *, t: float, tokens: int, compute: tuple[int, int, int] | None = None,
+               tenant: str | None = None):
         """The session now holds `tokens` (an append or a retained turn), billing `compute`
-        (prefill, cached, generated tokens) with it."""
+        (prefill, cached, generated tokens) with it — even if the session was closed meanwhile, when
+        its tenant is given."""
         def up(iv):
             iv.tokens = tokens
             return iv
-        return self._change(sid, event, t, up, compute)
+        return self._change(sid, event, t, up, compute, tenant)
 
     def set_retention(self, sid: str, event: str, *, t: float, retention: str | None = None) -> str:
         """Close the interval at t (an extension), changing the retention class if given."""

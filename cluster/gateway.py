@@ -507,7 +507,7 @@ class Gateway:
             rec.size_tokens += delta
             rec.update_time = time.time()
             self.ledger.resize(rec.id, f"size:{rec.size_tokens}", t=rec.update_time, tokens=rec.size_tokens,
-                               compute=(delta, 0, 0))
+                               compute=(delta, 0, 0), tenant=tenant)
             self._observe(rec, info)
             self.registry.put(rec, size_delta=delta)
             yield pb.CreateSessionEvent(session=self._session_pb(rec, info.get("tier")))
@@ -574,7 +574,8 @@ class Gateway:
                 added = len(ids) + generated + (1 if finish == pb.STOP else 0)
                 rec.size_tokens += added
                 rec.update_time = now
-                self.ledger.resize(rec.id, f"size:{rec.size_tokens}", t=now, tokens=rec.size_tokens, compute=counts)
+                self.ledger.resize(rec.id, f"size:{rec.size_tokens}", t=now, tokens=rec.size_tokens, compute=counts,
+                                   tenant=tenant)
                 self.registry.put(rec, size_delta=added)
             else:
                 event = f"gen:{request.request_id}" if request.request_id else f"gen:{new_session_id()}"

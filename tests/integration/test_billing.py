@@ -169,6 +169,11 @@ def test_deletion_stops_accrual_at_commit_time(fresh):
     assert u["token_seconds"]["host"] == 300 * 125.5 and u["billed_through"] == T0 + 125.5
     assert ledger.move("s-d", 2, t=T0 + 200, tier="redis") == "dup"  # nothing reopens it
     assert ledger.session_usage("s-d", now=T0 + 9000) == u
+    # a retained turn that finished just after the delete still bills its tokens, and nothing more
+    assert ledger.resize("s-d", "size:400", t=T0 + 126, tokens=400, compute=(10, 300, 90), tenant="acme") == "ok"
+    late = ledger.session_usage("s-d", now=T0 + 9000)
+    assert late["token_seconds"] == u["token_seconds"] and late["billed_through"] == u["billed_through"]
+    assert late["compute_nanos"] == RATES.compute_nanos(10, 300, 90)
 
 
 def test_a_late_tier_move_applies_at_the_watermark_never_backwards(fresh):
