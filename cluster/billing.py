@@ -460,21 +460,33 @@ class Ledger:
     def session_usage(self, sid: str, now: float | None = None) -> dict:
         """What the session has accrued: token_seconds per tier, retention and compute cost, and the
         instant it covers (now, for a live session: the open interval is included as accrued so far)."""
+        return self.sessions_usage([sid], now)[sid]
+
+    def sessions_usage(self, sids: list[str], now: float | None = None) -> dict[str, dict]:
+        """session_usage of many sessions, read in one MULTI/EXEC so that each aggregate and its open
+        interval come from the same instant (no event can fall between the two reads)."""
         now_ms = _ms(self.clock() if now is None else now)
-        agg = {k.decode(): int(v) for k, v in self.client.hgetall(f"{P}agg:s:{sid}").items()
-               if k.decode() not in ("tenant",)}
-        tms = {t: agg.get(f"tms:{t}", 0) for t in TIERS}
-        ret = agg.get("retention_nanos", 0)
-        through = agg.get("billed_through", 0)
-        iv = self._read(sid)
-        if iv is not None and now_ms > iv.since:
-            for r in self._retention_records(sid, iv, now_ms):
-                tms[iv.tier] += r["rec"]["token_ms"]
-                ret += r["rec"]["nanos"]
-            through = now_ms
-        return {"token_seconds": {t: v / 1000 for t, v in tms.items()}, "retention_nanos": ret,
-                "compute_nanos": agg.get("compute_nanos", 0), "billed_through": through / 1000,
-                "currency": self.rates.currency, "open": iv is not None}
+        pipe = self.client.pipeline(transaction=True)
+        for sid in sids:
+            pipe.hgetall(f"{P}agg:s:{sid}")
+            pipe.hgetall(f"{P}open:{sid}")
+        raw = pipe.execute() if sids else []
+        out = {}
+        for i, sid in enumerate(sids):
+            agg = {k.decode(): int(v) for k, v in raw[2 * i].items() if k.decode() != "tenant"}
+            iv = Interval.from_redis(raw[2 * i + 1])
+            tms = {t: agg.get(f"tms:{t}", 0) for t in TIERS}
+            ret = agg.get("retention_nanos", 0)
+            through = agg.get("billed_through", 0)
+            if iv is not None and now_ms > iv.since:
+                for r in self._retention_records(sid, iv, now_ms):
+                    tms[iv.tier] += r["rec"]["token_ms"]
+                    ret += r["rec"]["nanos"]
+                through = now_ms
+            out[sid] = {"token_seconds": {t: v / 1000 for t, v in tms.items()}, "retention_nanos": ret,
+                        "compute_nanos": agg.get("compute_nanos", 0), "billed_through": through / 1000,
+                        "currency": self.rates.currency, "open": iv is not None}
+        return out
 
     def session_tenant(self, sid: str) -> str | None:
         """The tenant a metered session belongs to (kept after it is deleted), or None."""

@@ -196,7 +196,7 @@ class Gateway:
             self.max_context = model_max_context(self.cfg.model)
         return min(self.cfg.max_prompt_tokens or self.max_context, self.max_context)
 
-    def _session_pb(self, rec: SessionRecord, tier: str | None = None) -> pb.Session:
+    def _session_pb(self, rec: SessionRecord, tier: str | None = None, usage: dict | None = None) -> pb.Session:
         s = pb.Session(name=f"sessions/{rec.id}", display_name=rec.display_name, tenant=rec.tenant,
                        size_tokens=rec.size_tokens, retention=RETENTION_ENUM.get(rec.retention, pb.STANDARD),
                        persist=PERSIST_ENUM.get(rec.persist, pb.ON_DEMOTE), create_time=_ts(rec.create_time),
@@ -205,7 +205,7 @@ class Gateway:
         if tier:
             s.tier = TIER_ENUM.get(tier, pb.TIER_UNSPECIFIED)
         try:
-            u = self.ledger.session_usage(rec.id)
+            u = usage or self.ledger.session_usage(rec.id)
         except Exception as e:  # the ledger's Redis is down: show the session, leave billing empty
             log.warning("billing of %s unavailable: %s", rec.id, e)
             return s
@@ -429,7 +429,11 @@ class Gateway:
             except ValueError:
                 raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "page_token is not one this server issued") from None
             recs, more = self.registry.list(tenant, offset=offset, count=size)
-            return pb.ListSessionsResponse(sessions=[self._session_pb(r) for r in recs],
+            try:  # one round trip for the page's billing, not two per session
+                usage = self.ledger.sessions_usage([r.id for r in recs])
+            except Exception:
+                usage = {}
+            return pb.ListSessionsResponse(sessions=[self._session_pb(r, usage=usage.get(r.id)) for r in recs],
                                            next_page_token=str(offset + size) if more else "")
         except Exception as e:
             self._fail(grpc_context, e)

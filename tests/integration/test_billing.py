@@ -242,3 +242,14 @@ def test_reconciliation_reports_unmetered_and_orphaned(fresh):
     out = ledger.reconcile({"s-1": "ready", "s-3": "ready", "s-4": "creating"})
     assert out == {"unmetered": ["s-3"], "orphaned": ["s-2"]}
     assert ledger.reconcile({"s-1": "ready", "s-2": "ready"}) == {"unmetered": [], "orphaned": []}
+
+
+def test_many_sessions_read_at_once_equal_one_by_one(fresh):
+    clock = Clock(T0)
+    ledger = fresh(clock=clock)
+    timeline(ledger, clock, upto=20)  # s-a and s-b both live, with records and open intervals
+    now = clock.t + 123.4
+    many = ledger.sessions_usage(["s-a", "s-b", "s-none"], now=now)
+    assert many == {sid: ledger.session_usage(sid, now=now) for sid in ("s-a", "s-b", "s-none")}
+    assert many["s-a"]["open"] and many["s-a"]["billed_through"] == now
+    assert many["s-none"]["token_seconds"] == {"hbm": 0, "host": 0, "redis": 0} and not many["s-none"]["open"]

@@ -92,7 +92,8 @@ def test_walkthrough_create_ask_append_extend_list_delete(client):
     old = s.expire_time
     s.extend(ttl="2h")
     assert (s.expire_time - old).total_seconds() > 3000
-    assert s.name in [x.name for x in client.list_sessions()]
+    listed = {x.name: x for x in client.list_sessions()}
+    assert s.name in listed and listed[s.name].currency == "USD" and listed[s.name].cost_accrued > 0
     s.delete()
     with pytest.raises(errors.NotFound):
         client.get_session(s.name)
