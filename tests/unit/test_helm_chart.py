@@ -213,9 +213,17 @@ def test_redis_statefulset_aof_pvc_and_network_policy(rendered):
     assert rule["ports"] == [{"protocol": "TCP", "port": 6379}]
 
 
-def test_bad_values_fail_to_render_with_a_clear_message():
-    with pytest.raises(helm_python.HelmError, match="sha256 must be 64 hex digits"):
-        render({"apiKeys": {"keys": [{"sha256": "plaintext-key", "tenant": "acme"}]}})
+@pytest.mark.parametrize("values, message", [
+    ({"apiKeys": {"keys": [{"sha256": "plaintext-key", "tenant": "acme"}]}}, "/apiKeys/keys/0/sha256"),
+    ({"groups": {"count": 0}}, "/groups/count"),
+    ({"groups": {"sp": "two"}}, "/groups/sp"),
+    ({"billing": {"currency": "dollars"}}, "/billing/currency"),
+    ({"redis": {"appendfsync": "no"}}, "/redis/appendfsync"),
+    ({"gropus": {"count": 2}}, "'gropus' not allowed"),  # a typo is an error, not a silent default
+])
+def test_bad_values_fail_to_render_with_a_clear_message(values, message):
+    with pytest.raises(helm_python.HelmError, match=message):
+        render(values)
 
 
 def test_dockerfile_matches_the_chart_and_the_package():
