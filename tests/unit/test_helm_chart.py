@@ -243,3 +243,19 @@ def test_dockerfile_matches_the_chart_and_the_package():
     user = re.findall(r"^USER (\S+)$", text, re.M)[-1]
     assert user.split(":")[0] == str(values["podSecurityContext"]["runAsUser"])  # runs as the chart expects
     assert values["image"]["repository"] and f"{values['serve']['grpcPort']}" in text.split("EXPOSE")[1]
+
+
+def test_example_configs_load_and_render():
+    from ringserve.cluster.config import ServeConfig, hash_key
+
+    cfg = ServeConfig.from_yaml(str(ROOT / "deploy" / "examples" / "cluster.yaml"))
+    assert cfg.group.sp == 2 and cfg.billing.currency == "USD" and cfg.api_keys[0].sha256 == hash_key("password")
+    values = yaml.safe_load((ROOT / "deploy" / "examples" / "values-production.yaml").read_text())
+    docs = render(values)
+    (rs,) = by_kind(docs, "RayService")
+    (workers,) = rs["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    assert workers["replicas"] == 4 and workers["rayStartParams"]["num-gpus"] == "8"
+    assert not by_kind(docs, "StatefulSet") and by_kind(docs, "PodMonitor")
+    for d in docs:
+        if d["apiVersion"] in ("v1", "apps/v1", "networking.k8s.io/v1"):
+            kubernetes_validate.validate(d, K8S_VERSION, strict=True)
