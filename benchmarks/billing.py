@@ -142,8 +142,8 @@ def main() -> int:
         print(f"# billing metering pass — {datetime.date.today()} — {platform.node()} "
               f"({os.cpu_count()} cores), Python {sys.version.split()[0]}, redis-server {ver}, "
               f"AOF {'everysec' if args.aof else 'off'}")
-        print(f"| sessions | pipelined pass (s) | one-by-one pass (s) | speed-up | goal < 1 s |")
-        print(f"|---:|---:|---:|---:|:--|")
+        print("| sessions | pipelined pass (s) | one-by-one pass (s) | speed-up | goal < 1 s |")
+        print("|---:|---:|---:|---:|:--|")
         print(f"| {args.sessions:,} | {fast:.3f} | {slow:.3f} | {slow / fast:.1f}x | "
               f"{'met' if fast < 1 else 'missed'} |")
         print()

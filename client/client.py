@@ -13,7 +13,7 @@ from ringserve.proto.ringserve.v1 import ringserve_pb2 as pb
 from . import _wire
 from ._progress import ProgressArg
 from ._transport import CallSettings, SyncTransport
-from .session import Session, SessionEvents
+from .session import Session, session_stream
 
 
 class Client:
@@ -62,13 +62,7 @@ class Client:
             text, tokens, messages, ttl=ttl, expire_time=expire_time, retention=retention,
             persist=persist, display_name=display_name, allow_quantized_kv=allow_quantized_kv,
             request_id=request_id)
-        events = SessionEvents(progress, "prefill")
-        try:
-            for event in self._transport.stream("CreateSession", request):
-                events.feed(event)
-        finally:
-            events.close()
-        return Session(events.result("CreateSession"), self._transport)
+        return Session(session_stream(self._transport, "CreateSession", request, progress, "prefill"), self._transport)
 
     def get_session(self, name_or_id: str) -> Session:
         """The session named 'sessions/s-…' or 's-…'."""

@@ -234,6 +234,17 @@ class SessionEvents:
 
 # --- blocking flavour -------------------------------------------------------------------------
 
+def session_stream(transport, rpc: str, request, progress: ProgressArg, label: str) -> pb.Session:
+    """Run a CreateSession / AppendToSession stream to its final Session, reporting progress."""
+    events = SessionEvents(progress, label)
+    try:
+        for event in transport.stream(rpc, request):
+            events.feed(event)
+    finally:
+        events.close()
+    return events.result(rpc)
+
+
 class Generation(GenerationView):
     """A streamed answer. Iterate for text deltas, or call :meth:`text` for all of it.
 
@@ -306,13 +317,7 @@ class Session(SessionView):
                messages: _wire.Messages | None = None, progress: ProgressArg = False) -> Session:
         """Add a document, token ids or chat turns to the session; returns self, updated."""
         request = _wire.append_request(self.name, text, tokens, messages)
-        events = SessionEvents(progress, "append")
-        try:
-            for event in self._transport.stream("AppendToSession", request):
-                events.feed(event)
-        finally:
-            events.close()
-        self._update(events.result("AppendToSession"))
+        self._update(session_stream(self._transport, "AppendToSession", request, progress, "append"))
         return self
 
     def extend(self, ttl: _wire.TTL | None = None, *, expire_time: datetime | None = None) -> Session:

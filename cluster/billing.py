@@ -372,21 +372,26 @@ class Ledger:
     def move(self, sid: str, number: int, *, t: float, tier: str) -> str:
         """The session's KV moved to `tier` at t; `number` is the store's move number, so moves
         already applied (or older than the last applied) are ignored."""
-        iv = self._read(sid)
-        if iv is None or number <= iv.move:
-            return "dup"
-        tier = STORE_TIER[tier]
-
-        def up(cur):
-            if number <= cur.move:
-                return cur
-            cur.move, cur.tier = number, tier
-            return cur
-        return self._change(sid, f"move:{number}", t, up)
+        return "ok" if self.observe(sid, [(number, t, tier)]) else "dup"
 
     def observe(self, sid: str, moves: Iterable[tuple[int, float, str]]) -> int:
-        """Apply a store's tier history [(number, wall time, tier)], oldest first; returns moves applied."""
-        return sum(self.move(sid, n, t=t, tier=tier) == "ok" for n, t, tier in moves)
+        """Apply a store's tier history [(number, wall time, tier)], oldest first; returns moves applied.
+        One read tells which moves are new; only those are written (the meter passes every session's
+        whole history each round, and most of it has been applied before)."""
+        iv = self._read(sid)
+        if iv is None:
+            return 0
+        applied = 0
+        for number, t, tier in moves:
+            if number <= iv.move:
+                continue
+
+            def up(cur, number=number, tier=STORE_TIER[tier]):
+                if number > cur.move:  # re-checked against the interval the write is based on
+                    cur.move, cur.tier = number, tier
+                return cur
+            applied += self._change(sid, f"move:{number}", t, up) == "ok"
+        return applied
 
     def close(self, sid: str, *, t: float, compute: tuple[int, int, int] | None = None) -> str:
         """Stop metering at t: the delete's commit time, or the expiry time."""
@@ -515,10 +520,13 @@ class Ledger:
             raise BillingError(f"group_by must be session, tier or day, got {group_by!r}")
         recs = self.records(tenant, start, end, session)
         accruing = []
-        for sid in sorted(s.decode() for s in self.client.smembers(f"{P}open:t:{tenant}")):
-            if session and sid != session:
-                continue
-            iv = self._read(sid)
+        live = sorted(s.decode() for s in self.client.smembers(f"{P}open:t:{tenant}"))
+        live = [sid for sid in live if not session or sid == session]
+        pipe = self.client.pipeline(transaction=False)
+        for sid in live:
+            pipe.hgetall(f"{P}open:{sid}")
+        for sid, h in zip(live, pipe.execute() if live else []):
+            iv = Interval.from_redis(h)
             if iv is None:
                 continue
             lo, hi = max(iv.since, _ms(start)), min(_ms(now), _ms(end))
@@ -573,13 +581,14 @@ class Ledger:
     def open_sessions(self) -> dict[str, float]:
         return {s.decode(): score / 1000 for s, score in self.client.zrange(f"{P}open", 0, -1, withscores=True)}
 
-    def reconcile(self, live: dict[str, str], creating: Iterable[str] = ()) -> dict:
-        """Compare live sessions (id -> state) with open intervals. Returns {"unmetered": ids of ready
-        sessions nobody meters, "orphaned": ids metered but no longer existing}; logs each."""
+    def reconcile(self, live: dict[str, str]) -> dict:
+        """Compare live sessions (id -> state: "creating" | "ready") with open intervals. Returns
+        {"unmetered": ids of ready sessions nobody meters, "orphaned": ids metered but no longer
+        existing}; logs each. A session still being created may or may not be metered yet."""
         opened = set(self.open_sessions())
         ready = {s for s, st in live.items() if st == "ready"}
         unmetered = sorted(ready - opened)
-        orphaned = sorted(opened - set(live) - set(creating))
+        orphaned = sorted(opened - set(live))
         for sid in unmetered:
             log.error("billing reconciliation: session %s is live but its retention is not metered", sid)
         for sid in orphaned:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 
 def _add_generate(sub):
@@ -249,13 +248,13 @@ def format_usage(u, group_by: str) -> str:
     head = (f"{group_by:<20} {'hbm tok-h':>12} {'host tok-h':>12} {'redis tok-h':>12} {'prefill':>10} "
             f"{'cached':>10} {'generated':>10} {'cost ' + u.currency:>14}")
     rows = [head, "-" * len(head)]
-    for item in list(u.line_items) + [u.total]:
+
+    def line(item) -> str:
         th = {t: item.token_seconds.get(t, 0.0) / 3600 for t in ("hbm", "host", "redis")}
-        rows.append(f"{item.key:<20} {th['hbm']:>12,.2f} {th['host']:>12,.2f} {th['redis']:>12,.2f} "
-                    f"{item.prefill_tokens:>10,} {item.cached_tokens:>10,} {item.generated_tokens:>10,} "
-                    f"{item.cost:>14.6f}")
-        if item is u.total:
-            rows.insert(len(rows) - 1, "-" * len(head))
+        return (f"{item.key:<20} {th['hbm']:>12,.2f} {th['host']:>12,.2f} {th['redis']:>12,.2f} "
+                f"{item.prefill_tokens:>10,} {item.cached_tokens:>10,} {item.generated_tokens:>10,} {item.cost:>14.6f}")
+
+    rows += [line(item) for item in u.line_items] + ["-" * len(head), line(u.total)]
     start = u.start_time.ToDatetime().strftime("%Y-%m-%d %H:%M")
     end = u.end_time.ToDatetime().strftime("%Y-%m-%d %H:%M")
     rows.append(f"{start} .. {end} UTC; of the total, {u.accruing_cost:.6f} {u.currency} is still accruing "

@@ -73,7 +73,7 @@ class Gateway:
         self.ledger = Ledger(self.cfg.billing_redis_url or self.cfg.redis_url, self.cfg.billing,
                              on_metered=lambda tier, token_ms: safe(
                                  lambda: metrics()["token_seconds"].inc(token_ms / 1000, tags={"tier": tier})))
-        self.rates = self.cfg.billing
+        self.rates = self.ledger.rates
         self.tok = load_tokenizer(self.cfg.model)
         self.keys = {k.sha256: k for k in self.cfg.api_keys}
         self._keys_mtime = None
@@ -266,21 +266,16 @@ class Gateway:
             except Exception as e:  # busy or down: its sessions are metered on the next pass
                 log.info("group %s did not report tiers: %s", gid, e)
                 continue
-            now = time.time()
             for sid, info in report["sessions"].items():
-                moves = info.get("moves") if isinstance(info, dict) else None
                 key = ({"device": "hbm"}.get(info.get("tier"), info.get("tier") or "lost"), info.get("retention", "standard"))
                 if key in counts:
                     counts[key] += 1
-                if moves:
-                    out["moves"] += self.ledger.observe(sid, [(n, now - age, tier) for n, age, tier in moves])
+                out["moves"] += self._bill_moves(sid, info)
         out["closed"] = self.ledger.close_hours(time.time())
         for (tier, cls), n in counts.items():
             safe(lambda: metrics()["sessions"].set(n, tags={"tier": tier, "retention_class": cls}))
         if reconcile:
-            live = self.registry.states()
-            rec = self.ledger.reconcile({k: v for k, v in live.items() if v == "ready"},
-                                        creating=[k for k, v in live.items() if v != "ready"])
+            rec = self.ledger.reconcile(self.registry.states())
             safe(lambda: metrics()["unmetered"].set(len(rec["unmetered"])))
             safe(lambda: metrics()["orphaned"].set(len(rec["orphaned"])))
             out["reconcile"] = rec
@@ -292,11 +287,12 @@ class Gateway:
         if seconds > 0:
             safe(lambda: metrics()["prefill_rate"].observe(tokens / seconds))
 
-    def _observe(self, rec: SessionRecord, info: dict) -> None:
-        """Bill the tier moves a group reported with a response."""
-        if info.get("moves"):
-            now = time.time()
-            self.ledger.observe(rec.id, [(n, now - age, tier) for n, age, tier in info["moves"]])
+    def _bill_moves(self, sid: str, info: dict) -> int:
+        """Bill the tier moves a group reported (as seconds ago) at the wall time they happened."""
+        if not info.get("moves"):
+            return 0
+        now = time.time()
+        return self.ledger.observe(sid, [(n, now - age, tier) for n, age, tier in info["moves"]])
 
     async def _on_group(self, rec: SessionRecord, call):
         """Run call(handle) on the session's group; if the group no longer holds it (its replica was
@@ -411,7 +407,7 @@ class Gateway:
             try:
                 info = await asyncio.wait_for(self._on_group(rec, lambda h: h.describe.remote(rec.id)), 30)
                 tier = info.get("tier")
-                self._observe(rec, info)
+                self._bill_moves(rec.id, info)
             except asyncio.TimeoutError:
                 tier = None
             return self._session_pb(rec, tier)
@@ -512,7 +508,7 @@ class Gateway:
             rec.update_time = time.time()
             self.ledger.resize(rec.id, f"size:{rec.size_tokens}", t=rec.update_time, tokens=rec.size_tokens,
                                compute=(delta, 0, 0), tenant=tenant)
-            self._observe(rec, info)
+            self._bill_moves(rec.id, info)
             self.registry.put(rec, size_delta=delta)
             yield pb.CreateSessionEvent(session=self._session_pb(rec, info.get("tier")))
         except Exception as e:
@@ -547,7 +543,10 @@ class Gateway:
             last = None
             async for tok in handle.generate.remote(rec.id, ids, params, request.retain_turn):
                 now_p = time.perf_counter()
-                safe(ttft, now_p - t_start) if last is None else safe(itl, now_p - last)
+                if last is None:
+                    safe(ttft, now_p - t_start)
+                else:
+                    safe(itl, now_p - last)
                 last = now_p
                 generated += 1
                 pending.append(tok)
@@ -595,7 +594,7 @@ class Gateway:
         """Before a stream starts: the group holds the session (restoring it if its replica restarted).
         Promotion to the device happens as the request starts: billed from here."""
         info = await self._on_group(rec, lambda h: h.describe.remote(rec.id))
-        self._observe(rec, info)
+        self._bill_moves(rec.id, info)
 
     def _sampling(self, request) -> dict:
         s = request.sampling

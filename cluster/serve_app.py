@@ -9,7 +9,6 @@ The gRPC proxy serves `ringserve.v1.RingServe` (plus reflection); Serve's HTTP p
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess

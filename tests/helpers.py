@@ -6,10 +6,19 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
+
+from ringserve.kernels._common import HAS_TRITON, interpreting
 
 TEXT = ("The quick brown fox jumps over the lazy dog. Ring attention passes keys and values around a ring "
         "of devices while each computes attention for its own queries. ") * 4
+
+
+# the Triton kernels themselves, run by the interpreter on the CPU (what `make test` does)
+needs_triton = pytest.mark.skipif(
+    not (HAS_TRITON and interpreting()), reason="Triton kernels on CPU need TRITON_INTERPRET=1 (set by `make test`)"
+)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -66,7 +75,6 @@ def write_gguf(src: Path, dst: Path, *, qtype: str = "F32", arch: str = "llama")
     import gguf
     from gguf import GGMLQuantizationType as Q
     from safetensors.torch import load_file
-    from tokenizers import Tokenizer
 
     from ringserve.workers.loader import permute_rope
 

@@ -8,7 +8,7 @@ ring prefill and sequence-parallel decode plug in as other attention functions.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import torch

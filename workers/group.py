@@ -17,7 +17,7 @@ import os
 import socket
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Iterator, Sequence
 
 from .sampling import SamplingParams

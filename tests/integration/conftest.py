@@ -78,14 +78,19 @@ class RedisServer:
         self.proc = None
 
 
-@pytest.fixture(scope="session")
-def redis_server():
+def _started(workdir: Path, *, aof: bool = False) -> RedisServer:
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.skip("redis-server not installed")
-    workdir = Path(tempfile.mkdtemp(prefix="ringserve-redis-"))
-    server = RedisServer(binary, workdir)
+    server = RedisServer(binary, workdir, aof=aof)
     server.start()
+    return server
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    workdir = Path(tempfile.mkdtemp(prefix="ringserve-redis-"))
+    server = _started(workdir)
     yield server
     server.kill()
     shutil.rmtree(workdir, ignore_errors=True)
@@ -103,10 +108,6 @@ def redis_url(redis_server) -> str:
 def aof_redis(tmp_path):
     """A redis-server of its own with the append-only file on (fsync on every write), as the chart
     runs the billing Redis: a SIGKILL loses nothing."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server not installed")
-    server = RedisServer(binary, tmp_path, aof=True)
-    server.start()
+    server = _started(tmp_path, aof=True)
     yield server
     server.kill()

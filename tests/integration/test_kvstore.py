@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ringserve.workers.kvstore import (IdlePolicy, KVCapacityError, KVDataLossError, KVNotFoundError, KVShard,
-                                       KVStore, KVUnavailableError, RedisOptions, TierCapacity, Watermarks)
+                                       KVStore, KVUnavailableError, RedisOptions, TierCapacity)
 
 FP = "tinyfp0123456789"
 L, HKV, D = 2, 2, 16

@@ -20,11 +20,9 @@ from ringserve.kernels import (
     merge_attention,
     merge_attention_stack,
 )
+from helpers import needs_triton
 from ringserve.kernels._common import HAS_TRITON, interpreting
 
-needs_triton = pytest.mark.skipif(
-    not (HAS_TRITON and interpreting()), reason="Triton kernels on CPU need TRITON_INTERPRET=1 (set by `make test`)"
-)
 
 
 def _rand(seed: int, *shapes, dtype=torch.float32):

@@ -15,11 +15,9 @@ from ringserve.kernels import (
     quantize_kv,
     quantize_kv_ref,
 )
+from helpers import needs_triton
 from ringserve.kernels._common import HAS_TRITON, interpreting
 
-needs_triton = pytest.mark.skipif(
-    not (HAS_TRITON and interpreting()), reason="Triton kernels on CPU need TRITON_INTERPRET=1 (set by `make test`)"
-)
 BACKENDS = [pytest.param("triton", marks=needs_triton), "torch"]
 NEG_INF = float("-inf")
 
