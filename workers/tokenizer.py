@@ -1,7 +1,9 @@
 """Tokenizer, chat template and streaming detokenization.
 
 Wraps a `tokenizers.Tokenizer` (from a Hugging Face tokenizer.json, or built from GGUF metadata) and
-renders the model's own chat template with jinja2 (ChatML for SmolLM2).
+renders the model's own chat template with jinja2 (ChatML for SmolLM2 and Qwen; Qwen3's template
+also reads `enable_thinking`, which ringserve passes as False unless asked: served answers come
+without a reasoning block).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from typing import Iterable, Sequence
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers
 
 # A ChatML template for models that ship none (SmolLM2's own template is ChatML too).
 CHATML_TEMPLATE = (
@@ -28,6 +30,8 @@ _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+# Qwen2 / Qwen2.5 / Qwen3 (`tokenizer.ggml.pre` "qwen2"): Llama 3's split with single digits, after NFC
+QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
 
 
 class ChatTemplateError(ValueError):
@@ -66,8 +70,11 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], *, skip_special: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special)
 
-    def render_chat(self, messages: Sequence[dict], *, add_generation_prompt: bool = True) -> str:
-        """Render `messages` ([{"role": ..., "content": ...}]) with the model's own chat template."""
+    def render_chat(self, messages: Sequence[dict], *, add_generation_prompt: bool = True,
+                    enable_thinking: bool = False) -> str:
+        """Render `messages` ([{"role": ..., "content": ...}]) with the model's own chat template.
+        `enable_thinking` is passed to the template as a variable (Qwen3 opens an empty reasoning
+        block when it is false; templates that do not read it ignore it)."""
         for m in messages:
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise ChatTemplateError(f"each chat message needs 'role' and 'content', got {m!r}")
@@ -82,24 +89,29 @@ class Tokenizer:
         try:
             return env.from_string(template).render(
                 messages=list(messages), add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+                enable_thinking=enable_thinking, bos_token=self.bos_token or "", eos_token=self.eos_token or "")
         except jinja2.TemplateError as e:
             raise ChatTemplateError(f"cannot render the model's chat template: {e}") from e
 
-    def encode_chat(self, messages: Sequence[dict], *, add_generation_prompt: bool = True) -> list[int]:
-        text = self.render_chat(messages, add_generation_prompt=add_generation_prompt)
+    def encode_chat(self, messages: Sequence[dict], *, add_generation_prompt: bool = True,
+                    enable_thinking: bool = False) -> list[int]:
+        text = self.render_chat(messages, add_generation_prompt=add_generation_prompt,
+                                enable_thinking=enable_thinking)
         # the template writes the BOS token itself where the model wants one
         return self.encode(text, add_bos=False)
 
-    def encode_turn(self, messages: Sequence[dict], *, add_generation_prompt: bool = True) -> list[int]:
+    def encode_turn(self, messages: Sequence[dict], *, add_generation_prompt: bool = True,
+                    enable_thinking: bool = False) -> list[int]:
         """Tokens of `messages` as a continuation of a conversation already in a session: rendered
         after a placeholder turn and cut after it, so the template's default system prompt (which
         it adds to a conversation's first turn) is not repeated."""
         head = [{"role": "user", "content": "\u2063"}]
         before = self.render_chat(head, add_generation_prompt=False)
-        full = self.render_chat(head + list(messages), add_generation_prompt=add_generation_prompt)
+        full = self.render_chat(head + list(messages), add_generation_prompt=add_generation_prompt,
+                                enable_thinking=enable_thinking)
         if not full.startswith(before):  # a template that is not prefix-stable: render the turn alone
-            return self.encode_chat(messages, add_generation_prompt=add_generation_prompt)
+            return self.encode_chat(messages, add_generation_prompt=add_generation_prompt,
+                                    enable_thinking=enable_thinking)
         return self.encode(full[len(before):], add_bos=False)
 
     def stream(self) -> "StreamDecoder":
@@ -144,6 +156,11 @@ def bpe_from_gguf(tokens: list[str], merges: list[str], token_types: Iterable[in
     if pre in ("llama3", "llama-v3", "llama-bpe", "smaug-bpe", "dbrx"):
         tk.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    elif pre == "qwen2":  # Qwen's tokenizer.json: NFC, then its split, then bytes
+        tk.normalizer = normalizers.NFC()
+        tk.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     elif pre == "smollm":  # SmolLM's own tokenizer.json: every digit alone, then the GPT-2 split
         tk.pre_tokenizer = pre_tokenizers.Sequence([

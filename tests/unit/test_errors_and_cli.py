@@ -25,8 +25,8 @@ def test_missing_model_path():
 
 
 def test_gguf_of_unsupported_architecture(tiny_dir, tmp_path):
-    path = write_gguf(tiny_dir, tmp_path / "other.gguf", arch="qwen2")
-    with pytest.raises(ModelLoadError, match="GGUF architecture 'qwen2' is not supported"):
+    path = write_gguf(tiny_dir, tmp_path / "other.gguf", arch="gemma3")
+    with pytest.raises(ModelLoadError, match="GGUF architecture 'gemma3' is not supported"):
         load_model(path)
 
 
