@@ -49,14 +49,15 @@ from typing import Callable, Iterable, Iterator
 
 import redis
 
+from ringserve.workers.protocol import Tier
+
 log = logging.getLogger("ringserve.billing")
 
 P = "ringserve:bill:"
-TIERS = ("hbm", "host", "redis")
+TIERS = tuple(t.api for t in Tier)  # "hbm", "host", "redis"
 CLASSES = ("hot", "standard", "cold")
 HOUR_MS = 3_600_000
 DAY_MS = 24 * HOUR_MS
-STORE_TIER = {"device": "hbm", "hbm": "hbm", "host": "host", "redis": "redis"}
 MAX_RANGE_S = 93 * 86400  # a usage query spans at most a quarter
 EVENTS_TTL_S = 35 * 86400  # applied-event ids of a closed session are kept this long (replays within it are no-ops)
 
@@ -338,7 +339,7 @@ class Ledger:
              prefill_tokens: int = 0, move: int = 0) -> str:
         """Start metering a new session at t (its creation commit), billing its prefill."""
         self.check_size(tokens)
-        tier = STORE_TIER[tier]
+        tier = Tier.parse(tier).api
         ms = _ms(t)
         iv = Interval(tenant, tier, tokens, retention, ms, "", move, group)
         records = [self._compute_record(sid, tenant, ms, prefill_tokens, 0, 0, "create")] if prefill_tokens else []
@@ -386,7 +387,7 @@ class Ledger:
             if number <= iv.move:
                 continue
 
-            def up(cur, number=number, tier=STORE_TIER[tier]):
+            def up(cur, number=number, tier=Tier.parse(tier).api):
                 if number > cur.move:  # re-checked against the interval the write is based on
                     cur.move, cur.tier = number, tier
                 return cur

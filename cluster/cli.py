@@ -271,7 +271,7 @@ def build_messages(prompt: str, document: str | None) -> list[dict]:
 def cmd_generate(args) -> int:
     import torch
 
-    from ringserve.workers.engine import Engine, GenerationStats
+    from ringserve.workers.engine import GenerationStats
     from ringserve.workers.loader import load_model
     from ringserve.workers.sampling import SamplingParams
 
@@ -294,8 +294,10 @@ def cmd_generate(args) -> int:
     ids = tok.encode(args.prompt) if args.raw else tok.encode_chat(build_messages(args.prompt, doc))
     stats = GenerationStats()
     stream = tok.stream()
+    if len(ids) < 2:
+        raise UserError("the prompt needs at least 2 tokens")
     if args.sp == 1:
-        tokens = Engine(loaded, max_context=args.max_context).generate(ids, params, stats=stats)
+        tokens = _generate_local(args, loaded, ids, params, stats)
     else:
         tokens = _generate_on_group(args, ids, params, stats, gpu=device == "cuda")
     for t in tokens:
@@ -310,6 +312,28 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _split_prompt(ids: list[int]) -> tuple[list[int], list[int]]:
+    """The session (the document) and the question (its last few tokens), the same at every --sp: the
+    session is prefilled with ring attention, the question goes in as a pass-Q prompt."""
+    n_q = max(1, min(8, len(ids) // 2))
+    return ids[:-n_q], ids[-n_q:]
+
+
+def _generate_local(args, loaded, ids, params, stats):
+    """--sp 1: the one engine, in this process, over its own device-only paged KV store."""
+    from ringserve.workers.engine import ShardEngine
+
+    import time
+
+    eng = ShardEngine(loaded, max_context=args.max_context)
+    context, question = _split_prompt(ids)
+    t0 = time.perf_counter()
+    eng.prefill("cli", context)
+    t_context = time.perf_counter() - t0
+    yield from eng.generate("cli", question, params, stats=stats)
+    stats.prompt_tokens, stats.prefill_s = len(ids), stats.prefill_s + t_context
+
+
 def _generate_on_group(args, ids, params, stats, *, gpu: bool):
     """The same request on a local WorkerGroup of args.sp ranks: the document is prefilled with ring
     attention, the last few tokens are sent as the question (pass-Q), then SP decode."""
@@ -319,20 +343,18 @@ def _generate_on_group(args, ids, params, stats, *, gpu: bool):
 
     from ringserve.workers.group import GroupConfig, WorkerGroup
 
-    if len(ids) < 2:
-        raise UserError("--sp needs a prompt of at least 2 tokens")
     if not ray.is_initialized():
         ray.init(num_cpus=max(2, args.sp), include_dashboard=False, log_to_driver=False)
     group = WorkerGroup(GroupConfig(sp=args.sp, model=args.model, max_context=args.max_context,
                                     num_cpus_per_rank=1.0 if gpu else max(0.25, 2 / args.sp),
                                     num_gpus_per_rank=1.0 if gpu else 0.0))
     try:
-        n_q = max(1, min(8, len(ids) // 2))
+        context, question = _split_prompt(ids)
         t0 = time.perf_counter()
-        group.prefill("cli", ids[:-n_q])
+        group.prefill("cli", context)
         stats.prompt_tokens = len(ids)
         t1 = time.perf_counter()
-        for t in group.generate("cli", ids[-n_q:], params):
+        for t in group.generate("cli", question, params):
             if stats.generated_tokens == 0:
                 stats.prefill_s = time.perf_counter() - t0
                 t1 = time.perf_counter()

@@ -26,13 +26,14 @@ from .billing import BelowMinimum, BillingError, Ledger, to_money
 from .config import ServeConfig, hash_key
 from .metrics import metrics, safe
 from .registry import LimitExceeded, Registry, SessionRecord, new_session_id
+from ringserve.workers.protocol import (ContextLimit, GenerationEnd, GroupCapacity, Progress, RingserveError,
+                                        SessionError, SessionInfo, Tier)
 
 log = logging.getLogger("ringserve.gateway")
 
 NAME_RE = re.compile(r"^(?:sessions/)?(s-[0-9a-f]{16})$")
 ROLES = ("system", "user", "assistant")
-TIER_ENUM = {"device": pb.HBM, "hbm": pb.HBM, "host": pb.HOST, "redis": pb.REDIS, "moving": pb.MOVING,
-             "lost": pb.LOST}
+FINISH = {"stop": pb.STOP, "length": pb.LENGTH, "context": pb.CONTEXT_FULL}
 RETENTION = {pb.RETENTION_CLASS_UNSPECIFIED: "standard", pb.HOT: "hot", pb.STANDARD: "standard", pb.COLD: "cold"}
 RETENTION_ENUM = {"hot": pb.HOT, "standard": pb.STANDARD, "cold": pb.COLD}
 PERSIST = {pb.PERSIST_MODE_UNSPECIFIED: "on_demote", pb.ON_DEMOTE: "on_demote", pb.WRITE_THROUGH: "write_through"}
@@ -188,22 +189,23 @@ class Gateway:
             return self.tok.encode_turn(msgs, add_generation_prompt=generation)
         raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "give the content as text, token_ids or messages")
 
-    async def _limit(self) -> int:
-        """Most tokens a session may hold (prompt + answers)."""
+    async def _limit(self) -> ContextLimit:
+        """How many tokens a session may hold (prompt + answers): the rule the engine applies too."""
         if not self.max_context:
             from ringserve.workers.loader import model_max_context
 
             self.max_context = model_max_context(self.cfg.model)
-        return min(self.cfg.max_prompt_tokens or self.max_context, self.max_context)
+        return ContextLimit(min(self.cfg.max_prompt_tokens or self.max_context, self.max_context))
 
-    def _session_pb(self, rec: SessionRecord, tier: str | None = None, usage: dict | None = None) -> pb.Session:
+    def _session_pb(self, rec: SessionRecord, info: SessionInfo | None = None, usage: dict | None = None) -> pb.Session:
         s = pb.Session(name=f"sessions/{rec.id}", display_name=rec.display_name, tenant=rec.tenant,
                        size_tokens=rec.size_tokens, retention=RETENTION_ENUM.get(rec.retention, pb.STANDARD),
                        persist=PERSIST_ENUM.get(rec.persist, pb.ON_DEMOTE), create_time=_ts(rec.create_time),
                        expire_time=_ts(rec.expire_time), update_time=_ts(rec.update_time), group=rec.group,
                        kv_bytes=rec.kv_bytes, allow_quantized_kv=rec.allow_quantized_kv)
-        if tier:
-            s.tier = TIER_ENUM.get(tier, pb.TIER_UNSPECIFIED)
+        if info is not None:
+            s.tier = _tier_pb(info)
+            s.kv_bytes = info.kv_bytes
         try:
             u = usage or self.ledger.session_usage(rec.id)
         except Exception as e:  # the ledger's Redis is down: show the session, leave billing empty
@@ -220,10 +222,10 @@ class Gateway:
 
     async def _pick_group(self) -> str:
         caps = await asyncio.gather(*(h.capacity.remote() for h in self.groups.values()), return_exceptions=True)
-        ok = [c for c in caps if isinstance(c, dict) and c.get("healthy")]
+        ok = [c for c in caps if isinstance(c, GroupCapacity) and c.healthy]
         if not ok:
             raise RpcError(grpc.StatusCode.UNAVAILABLE, "no healthy worker group; retry shortly")
-        return max(ok, key=lambda c: (c["free_kv_bytes"], -c["sessions"]))["group"]
+        return max(ok, key=lambda c: (c.free_kv_bytes, -c.sessions)).group
 
     def _delete(self, rec: SessionRecord, t: float | None = None):
         """Delete a session: its retention meter stops at t (the delete's commit time, or the expiry
@@ -266,8 +268,9 @@ class Gateway:
             except Exception as e:  # busy or down: its sessions are metered on the next pass
                 log.info("group %s did not report tiers: %s", gid, e)
                 continue
-            for sid, info in report["sessions"].items():
-                key = ({"device": "hbm"}.get(info.get("tier"), info.get("tier") or "lost"), info.get("retention", "standard"))
+            for sid, info in report.sessions.items():
+                state = info.tier.api if info.state == "resident" and info.tier else info.state
+                key = (state, info.retention)
                 if key in counts:
                     counts[key] += 1
                 out["moves"] += self._bill_moves(sid, info)
@@ -287,18 +290,16 @@ class Gateway:
         if seconds > 0:
             safe(lambda: metrics()["prefill_rate"].observe(tokens / seconds))
 
-    def _bill_moves(self, sid: str, info: dict) -> int:
+    def _bill_moves(self, sid: str, info: SessionInfo) -> int:
         """Bill the tier moves a group reported (as seconds ago) at the wall time they happened."""
-        if not info.get("moves"):
+        if not info.moves:
             return 0
         now = time.time()
-        return self.ledger.observe(sid, [(n, now - age, tier) for n, age, tier in info["moves"]])
+        return self.ledger.observe(sid, [(m.number, now - m.seconds_ago, m.tier.api) for m in info.moves])
 
     async def _on_group(self, rec: SessionRecord, call):
         """Run call(handle) on the session's group; if the group no longer holds it (its replica was
         restarted), restore it from Redis — on that group, else on another — and run it again."""
-        from ringserve.workers.engine import SessionError
-
         try:
             return await call(self.groups[rec.group])
         except Exception as e:
@@ -308,8 +309,6 @@ class Gateway:
         return await call(self.groups[rec.group])
 
     async def _restore(self, rec: SessionRecord):
-        from ringserve.workers.engine import SessionError
-
         order = [rec.group] + [g for g in self.groups if g != rec.group]
         last = None
         for gid in order:
@@ -339,10 +338,7 @@ class Gateway:
             tenant, _ = self._auth(grpc_context)
             ids = self._ids(request.WhichOneof("content") or "", request, first=True)
             self.ledger.check_size(len(ids))
-            limit = await self._limit()
-            if len(ids) >= limit:
-                raise RpcError(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"the content has {len(ids)} tokens; sessions hold at most {limit - 1}")
+            (await self._limit()).check_add(0, len(ids))
             now = time.time()
             ttl = self._ttl(request, now)
             rec = SessionRecord(new_session_id(), tenant, "", len(ids), now, now + ttl, now,
@@ -361,25 +357,25 @@ class Gateway:
             t_prefill = time.perf_counter()
             try:
                 async for ev in handle.create.remote(rec.id, ids, opts, self.cfg.progress_chunk):
-                    if "progress" in ev:
-                        d, t = ev["progress"]
-                        yield pb.CreateSessionEvent(progress=pb.Progress(tokens_done=d, tokens_total=t))
+                    if isinstance(ev, Progress):
+                        yield pb.CreateSessionEvent(progress=pb.Progress(tokens_done=ev.done, tokens_total=ev.total))
                     else:
-                        info = ev["session"]
+                        info = ev
             except BaseException:
                 self.registry.delete(rec)
                 raise
             self._prefilled(len(ids), time.perf_counter() - t_prefill)
             rec.state, rec.update_time = "ready", time.time()
             try:  # metered from the commit of its creation; billed its prefill
-                moves = info.get("moves") or [(0, 0.0, info.get("tier") or "device")]
-                self.ledger.open(rec.id, tenant, t=rec.update_time, tier=moves[-1][2], tokens=len(ids),
-                                 retention=rec.retention, group=rec.group, prefill_tokens=len(ids), move=moves[-1][0])
+                last = info.moves[-1] if info.moves else None
+                self.ledger.open(rec.id, tenant, t=rec.update_time, tier=(last.tier if last else info.tier or Tier.DEVICE).api,
+                                 tokens=len(ids), retention=rec.retention, group=rec.group, prefill_tokens=len(ids),
+                                 move=last.number if last else 0)
                 self.registry.put(rec)
             except BaseException:
                 self._delete(rec)
                 raise
-            yield pb.CreateSessionEvent(session=self._session_pb(rec, info.get("tier")))
+            yield pb.CreateSessionEvent(session=self._session_pb(rec, info))
         except Exception as e:
             self._fail(grpc_context, e)
 
@@ -406,11 +402,10 @@ class Gateway:
             rec = self._record(request.name, tenant)
             try:
                 info = await asyncio.wait_for(self._on_group(rec, lambda h: h.describe.remote(rec.id)), 30)
-                tier = info.get("tier")
                 self._bill_moves(rec.id, info)
             except asyncio.TimeoutError:
-                tier = None
-            return self._session_pb(rec, tier)
+                info = None
+            return self._session_pb(rec, info)
         except Exception as e:
             self._fail(grpc_context, e)
 
@@ -482,11 +477,8 @@ class Gateway:
             tenant, _ = self._auth(grpc_context)
             rec = self._record(request.name, tenant)
             ids = self._ids(request.WhichOneof("content") or "", request, first=False)
-            limit = await self._limit()
-            if rec.size_tokens + len(ids) >= limit:
-                raise RpcError(grpc.StatusCode.FAILED_PRECONDITION,
-                               f"session {rec.id} holds {rec.size_tokens} tokens; {len(ids)} more exceed its limit of {limit - 1}")
-            info = {}
+            (await self._limit()).check_add(rec.size_tokens, len(ids), "the append")
+            info = None
 
             async def run(h):
                 out = []
@@ -498,11 +490,10 @@ class Gateway:
             events = await self._on_group(rec, run)
             self._prefilled(len(ids), time.perf_counter() - t_prefill)
             for ev in events:
-                if "progress" in ev:
-                    d, t = ev["progress"]
-                    yield pb.CreateSessionEvent(progress=pb.Progress(tokens_done=d, tokens_total=t))
+                if isinstance(ev, Progress):
+                    yield pb.CreateSessionEvent(progress=pb.Progress(tokens_done=ev.done, tokens_total=ev.total))
                 else:
-                    info = ev["session"]
+                    info = ev
             delta = len(ids)
             rec.size_tokens += delta
             rec.update_time = time.time()
@@ -510,7 +501,7 @@ class Gateway:
                                compute=(delta, 0, 0), tenant=tenant)
             self._bill_moves(rec.id, info)
             self.registry.put(rec, size_delta=delta)
-            yield pb.CreateSessionEvent(session=self._session_pb(rec, info.get("tier")))
+            yield pb.CreateSessionEvent(session=self._session_pb(rec, info))
         except Exception as e:
             self._fail(grpc_context, e)
 
@@ -521,11 +512,7 @@ class Gateway:
             which = request.WhichOneof("prompt") or ""
             ids = self._ids(which, request, first=False, generation=True)
             params = self._sampling(request)
-            limit = await self._limit()
-            if rec.size_tokens + len(ids) + 1 >= limit:
-                raise RpcError(grpc.StatusCode.FAILED_PRECONDITION,
-                               f"session {rec.id} holds {rec.size_tokens} tokens; a {len(ids)}-token prompt "
-                               f"leaves no room under its limit of {limit - 1}")
+            (await self._limit()).generate_budget(rec.size_tokens, len(ids), params["max_tokens"])
             stops = list(request.stop)
             if len(stops) > 8 or any(not s for s in stops):
                 raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "stop takes at most 8 non-empty strings")
@@ -540,8 +527,11 @@ class Gateway:
                 ttft, itl = metrics()["ttft"].observe, metrics()["itl"].observe
             except Exception:  # metrics unavailable: serve anyway
                 ttft = itl = lambda v: None
-            last = None
+            last = end = None
             async for tok in handle.generate.remote(rec.id, ids, params, request.retain_turn):
+                if isinstance(tok, GenerationEnd):
+                    end = tok
+                    continue
                 now_p = time.perf_counter()
                 if last is None:
                     safe(ttft, now_p - t_start)
@@ -567,14 +557,12 @@ class Gateway:
                 tail = stream.flush()
                 if tail or pending:
                     yield pb.GenerateResponse(text_delta=tail, token_ids=pending, group=rec.group)
-                finish = pb.LENGTH if generated >= params["max_tokens"] else pb.STOP
-                if rec.size_tokens + len(ids) + generated + 2 >= (await self._limit()) and finish == pb.LENGTH:
-                    finish = pb.CONTEXT_FULL
+                finish = FINISH[end.reason] if end is not None else pb.STOP
             cached = rec.size_tokens
             counts = (len(ids), cached, generated)
             now = time.time()
             if request.retain_turn:
-                added = len(ids) + generated + (1 if finish == pb.STOP else 0)
+                added = end.retained_tokens if end is not None else len(ids) + generated
                 rec.size_tokens += added
                 rec.update_time = now
                 self.ledger.resize(rec.id, f"size:{rec.size_tokens}", t=now, tokens=rec.size_tokens, compute=counts,
@@ -619,15 +607,14 @@ class Gateway:
             caps = await asyncio.gather(*(h.capacity.remote() for h in self.groups.values()), return_exceptions=True)
             groups = []
             for gid, c in zip(self.groups, caps):
-                if isinstance(c, Exception):
+                if not isinstance(c, GroupCapacity):
                     groups.append(pb.GroupStatus(id=gid, healthy=False))
                     continue
                 groups.append(pb.GroupStatus(
-                    id=gid, healthy=c["healthy"], sessions=c["sessions"], kv_bytes=c["kv_bytes"],
-                    free_kv_bytes=c["free_kv_bytes"],
-                    ranks=[pb.RankStatus(rank=r["rank"], device=r["device"], healthy=r["healthy"],
-                                         kv_bytes=r.get("kv_bytes", {}), free_kv_bytes=r.get("free_kv_bytes", 0))
-                           for r in c["ranks"]]))
+                    id=gid, healthy=c.healthy, sessions=c.sessions, kv_bytes=c.kv_bytes.api(),
+                    free_kv_bytes=c.free_kv_bytes,
+                    ranks=[pb.RankStatus(rank=r.rank, device=r.device, healthy=c.healthy, kv_bytes=r.kv_bytes.api(),
+                                         free_kv_bytes=r.free_device_bytes) for r in c.ranks]))
             try:
                 redis_ok = bool(self.registry.client.ping())
                 metered = len(self.ledger.open_sessions())
@@ -703,7 +690,7 @@ class Gateway:
             self.registry.client.ping()
             caps = await asyncio.wait_for(asyncio.gather(*(h.capacity.remote() for h in self.groups.values()),
                                                          return_exceptions=True), 10)
-            ok = any(isinstance(c, dict) and c.get("healthy") for c in caps)
+            ok = any(isinstance(c, GroupCapacity) and c.healthy for c in caps)
         except Exception:
             ok = False
         return health_pb2.HealthCheckResponse(
@@ -744,29 +731,26 @@ def _stop_at(text: str, stops: list[str]) -> int | None:
     return min(hits) if hits else None
 
 
-def _status_of(e: BaseException) -> tuple[grpc.StatusCode, str]:
-    """gRPC status for an exception from the engine, the store or the registry."""
-    from ringserve.workers.engine import PromptError, SessionError
-    from ringserve.workers.group import GroupUnhealthy
-    from ringserve.workers.kvformat import (KVCapacityError, KVDataLossError, KVNotFoundError,
-                                            KVUnavailableError)
+def _tier_pb(info: SessionInfo) -> int:
+    if info.state == "lost" or info.tier is None:
+        return pb.LOST
+    if info.state == "moving":
+        return pb.MOVING
+    return pb.Tier.Value(info.tier.api.upper())
 
+
+def _status_of(e: BaseException) -> tuple[grpc.StatusCode, str]:
+    """gRPC status for an exception from the data plane (which names its own code), the registry or
+    the ledger."""
+    if isinstance(e, RingserveError):
+        code = getattr(grpc.StatusCode, e.grpc_code, grpc.StatusCode.INTERNAL)
+        return code, f"{e}; retry shortly" if code == grpc.StatusCode.UNAVAILABLE else str(e)
     if isinstance(e, LimitExceeded):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)
     if isinstance(e, BelowMinimum):
         return grpc.StatusCode.FAILED_PRECONDITION, str(e)
     if isinstance(e, BillingError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(e)
-    if isinstance(e, (SessionError, KVNotFoundError)):
-        return grpc.StatusCode.NOT_FOUND, str(e)
-    if isinstance(e, PromptError):
-        return grpc.StatusCode.FAILED_PRECONDITION, str(e)
-    if isinstance(e, KVCapacityError):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)
-    if isinstance(e, KVDataLossError):
-        return grpc.StatusCode.DATA_LOSS, str(e)
-    if isinstance(e, (KVUnavailableError, GroupUnhealthy)):
-        return grpc.StatusCode.UNAVAILABLE, f"{e}; retry shortly"
     import redis
 
     if isinstance(e, redis.ConnectionError):

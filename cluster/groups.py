@@ -9,9 +9,11 @@ would have to rediscover the owner from replica ids that change when Serve resta
 Serve still supervises each group (health checks, restart of a dead replica), and new sessions go
 to the group reporting the most free KV capacity (`capacity()`).
 
-A group runs one request at a time (its ranks work in lockstep); requests queue in the replica.
-When its WorkerGroup turns unhealthy (a rank died), the next call rebuilds it: sessions that were
-persisted to Redis are then restored by the Gateway, the others are reported lost.
+The deployment only submits work and passes results through: chunking, progress and the KV all
+live in the workers (one engine call per create / append / generate). A group runs one request at a
+time (its ranks work in lockstep); requests queue in the replica. When its WorkerGroup turns
+unhealthy (a rank died), the next call rebuilds it: sessions that were persisted to Redis are then
+restored by the Gateway, the others are reported lost.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from dataclasses import asdict
 from ray import serve
 
 from ringserve.workers.group import GroupConfig, WorkerGroup
+from ringserve.workers.protocol import GroupCapacity, MeterReport, SessionInfo, TierBytes
+from ringserve.workers.sampling import SamplingParams
 
 from .metrics import GroupRecorder, safe
-from ringserve.workers.sampling import SamplingParams
 
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256,
@@ -48,62 +51,38 @@ class SequenceParallelGroup:
     def check_health(self):  # Serve's health check: an unhealthy group is rebuilt on the next call
         return None
 
-    def capacity(self) -> dict:
-        """Free device-tier KV bytes over the ranks (what new sessions are placed by)."""
+    def capacity(self) -> GroupCapacity:
+        """Free device-tier KV bytes over the ranks (what new sessions are placed by), and every rank."""
         with self._lock:
             g = self._ready()
             stats = g.stats()
-        return {"group": self.group_id, "free_kv_bytes": sum(s["free_device"] for s in stats),
-                "sessions": stats[0]["sessions"], "healthy": g.healthy,
-                "kv_bytes": {t: sum(s["bytes"].get(t, 0) for s in stats) for t in ("hbm", "host", "redis")},
-                "ranks": [{"rank": s["rank"], "device": s["device"], "healthy": g.healthy, "kv_bytes": s["bytes"],
-                           "free_kv_bytes": s["free_device"]} for s in stats]}
+        return GroupCapacity(self.group_id, g.healthy, stats[0].sessions, sum(s.free_device_bytes for s in stats),
+                             TierBytes(*(sum(getattr(s.kv_bytes, t) for s in stats) for t in ("device", "host", "redis"))),
+                             tuple(stats), self.rebuilds)
 
-    def create(self, sid: str, ids: list[int], opts: dict, chunk: int):
-        """Prefill `ids` as session `sid`; yields {"progress": (done, total)} after every chunk of
-        `chunk` tokens, then {"session": description}."""
+    def create(self, sid: str, ids: list[int], opts: dict, progress_every: int):
+        """Prefill `ids` as session `sid`: Progress after prefill chunks, then the SessionInfo."""
         with self._lock:
-            g = self._ready()
-            total = len(ids)
-            first = ids[:chunk]
-            g.prefill(sid, first, **opts)
-            yield {"progress": (len(first), total)}
-            done = len(first)
-            try:
-                while done < total:
-                    piece = ids[done:done + chunk]
-                    g.append(sid, piece)
-                    done += len(piece)
-                    yield {"progress": (done, total)}
-            except BaseException:
-                g.drop(sid)
-                raise
-            yield {"session": {**g.describe(sid), "group": self.group_id}}
+            for item in self._ready().create(sid, ids, progress_every=progress_every, **opts):
+                yield item.with_group(self.group_id) if isinstance(item, SessionInfo) else item
 
-    def append(self, sid: str, ids: list[int], chunk: int):
+    def append(self, sid: str, ids: list[int], progress_every: int):
         with self._lock:
-            g = self._ready()
-            done = 0
-            while done < len(ids):
-                piece = ids[done:done + chunk]
-                g.append(sid, piece)
-                done += len(piece)
-                yield {"progress": (done, len(ids))}
-            yield {"session": {**g.describe(sid), "group": self.group_id}}
+            for item in self._ready().append(sid, ids, progress_every=progress_every):
+                yield item.with_group(self.group_id) if isinstance(item, SessionInfo) else item
 
     def generate(self, sid: str, ids: list[int], params: dict, retain: bool):
+        """Token ids, then a GenerationEnd."""
         with self._lock:
-            g = self._ready()
-            for tok in g.generate(sid, ids, SamplingParams(**params), retain=retain):
-                yield tok
+            yield from self._ready().generate_stream(sid, ids, SamplingParams(**params), retain=retain)
 
-    def describe(self, sid: str) -> dict:
+    def describe(self, sid: str) -> SessionInfo:
         with self._lock:
-            return {**self._ready().describe(sid), "group": self.group_id}
+            return self._ready().describe(sid).with_group(self.group_id)
 
-    def restore(self, sid: str) -> dict:
+    def restore(self, sid: str) -> SessionInfo:
         with self._lock:
-            return {**self._ready().restore(sid), "group": self.group_id}
+            return self._ready().restore(sid).with_group(self.group_id)
 
     def set_ttl(self, sid: str, ttl_s: float | None) -> None:
         with self._lock:
@@ -113,15 +92,15 @@ class SequenceParallelGroup:
         with self._lock:
             self._ready().drop(sid)
 
-    def meter(self) -> dict:
+    def meter(self) -> MeterReport:
         """Apply the retention policy (idle demotion, watermarks), then report every session's tier
-        history for billing: {session: {"tier", "length", "moves": [(n, seconds ago, tier)]}}."""
+        history for billing."""
         with self._lock:
             g = self._ready()
             moved = g.tick()
-            sessions = g.sessions()[0]
+            sessions = {sid: info.with_group(self.group_id) for sid, info in g.sessions().items()}
             safe(self.recorder.record, g.stats())
-            return {"group": self.group_id, "moved": moved, "sessions": sessions}
+            return MeterReport(self.group_id, tuple(moved), sessions)
 
     def info(self) -> dict:
         return {"group": self.group_id, "config": asdict(self.cfg), "rebuilds": self.rebuilds}

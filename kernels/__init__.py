@@ -9,6 +9,7 @@ torch references. Shapes: T tokens, H query heads, Hkv KV heads, D head dim.
 from ._common import HAS_TRITON
 from .attention import SUPPORTED_HEAD_DIMS, flash_attention, flash_attention_ref
 from .decode import MAX_QUERY_TOKENS, decode_attention, decode_attention_ref
+from .paged import paged_attention, paged_attention_ref
 from .merge import merge_attention, merge_attention_ref, merge_attention_stack, merge_attention_stack_ref
 from .quant import dequantize_kv, dequantize_kv_ref, quantize_kv, quantize_kv_ref
 
@@ -26,6 +27,8 @@ __all__ = [
     "merge_attention_ref",
     "merge_attention_stack",
     "merge_attention_stack_ref",
+    "paged_attention",
+    "paged_attention_ref",
     "quantize_kv",
     "quantize_kv_ref",
 ]

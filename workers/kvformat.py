@@ -1,12 +1,9 @@
-"""The unit of retained KV (`KVShard`), the errors of the KV store, and the Redis value format.
+"""The Redis value format of retained KV, its keys, and chunk planning.
 
 Shape alphabet (as in model.py): L layers, Hkv KV heads, T tokens, D head dim.
 
-A `KVShard` is one rank's shard of one session: k, v (L, Hkv, T, D) — the per-layer layout of the
-engine's `KVCache`, sliced to the T tokens this rank holds — and the absolute positions (T,) of those
-tokens (sequence-parallel ranks hold non-contiguous positions).
-
-Redis value format, version 1. Every value is self-describing:
+A rank keeps each session's shard in pages (kvpages.py); in Redis it is a set of values, each
+self-describing. Value format, version 2:
 
     offset  size  field
     0       4     magic b"RSKV"
@@ -18,12 +15,16 @@ Redis value format, version 1. Every value is self-describing:
                   range, payload parts with dtype and shape, payload length, payload xxh3_64)
     20+H    P     payload: the parts, packed back to back in header order
 
-A chunk holds layers [l0, l1) x tokens [t0, t1) of both K and V ("raw": k then v in the session
-dtype; "int8": q_k, scale_k, q_v, scale_v in the `ringserve.kernels.quant` format). The positions of a
-token range are their own value. The manifest — written after every chunk it lists, so it is the
-commit marker — lists each value's key, ranges, size and payload checksum, and carries the shard's
-dtype, shape and meta. A reader verifies the envelope, the header fields it expects, and both
-checksums; anything else is `KVDataLossError`, never data.
+A chunk holds layers [l0, l1) x storage tokens [t0, t1) of both K and V ("raw": k then v, each
+(l, t, Hkv, D) in the session dtype; "int8": k_q, k_scale, v_q, v_scale in the
+`ringserve.kernels.quant` format, scales (l, t, Hkv)). The manifest — written after every chunk it
+lists, so it is the commit marker — lists each value's key, ranges, size and payload checksum, and
+carries the shard's dtype, shape [L, T, Hkv, D] and meta (the session's layout, which says which
+positions the rank's tokens are). A reader verifies the envelope, the header fields it expects, and
+both checksums; anything else is `KVDataLossError`, never data.
+
+Version 1 (before paged KV) stored (L, Hkv, T, D) tensors and a positions value; its keys carry
+"v1", and a v2 reader that finds only a v1 manifest refuses it with a message saying so.
 """
 
 from __future__ import annotations
@@ -31,112 +32,32 @@ from __future__ import annotations
 import json
 import struct
 import warnings
-from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
 
 import torch
 import xxhash
 
-FORMAT_VERSION = 1
+from .protocol import KVDataLossError
+
+FORMAT_VERSION = 2
 MAGIC = b"RSKV"
 _PREFIX = struct.Struct("<4sHHIQ")  # magic, version, reserved, header length, header xxh3_64
 _CHECKSUM_PLACEHOLDER = "0" * 16  # the payload checksum is hex of fixed width, so the header length is known before it
 
-# ---------------------------------------------------------------------------------------------------
-# errors (the gRPC layer maps them: UNAVAILABLE, DATA_LOSS, NOT_FOUND, RESOURCE_EXHAUSTED)
 
+@dataclass(frozen=True)
+class Part:
+    """One payload part: its name, dtype and shape, and how to write it into its place (a tensor view)."""
 
-class KVStoreError(Exception):
-    """Base class of the KV store's errors."""
-
-
-class KVUnavailableError(KVStoreError):
-    """Redis could not be reached after a bounded retry (gRPC UNAVAILABLE: retry later)."""
-
-
-class KVDataLossError(KVStoreError):
-    """Stored KV failed verification or its manifest is gone; the session is lost (gRPC DATA_LOSS)."""
-
-
-class KVNotFoundError(KVStoreError, KeyError):
-    """No such session in this store or in Redis (gRPC NOT_FOUND)."""
-
-    def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0]) if self.args else ""
-
-
-class KVCapacityError(KVStoreError):
-    """The tiers cannot hold the session (gRPC RESOURCE_EXHAUSTED)."""
-
-
-# ---------------------------------------------------------------------------------------------------
-# the shard
-
-
-@dataclass
-class KVShard:
-    """One rank's KV of one session. Treat the tensors as read-only once handed to the store."""
-
-    k: torch.Tensor  # (L, Hkv, T, D)
-    v: torch.Tensor  # (L, Hkv, T, D)
-    positions: torch.Tensor  # (T,) int64, absolute token positions held by this shard
-    meta: dict[str, Any] = field(default_factory=dict)  # small, JSON-able (session length, next position, ...)
-
-    def __post_init__(self):
-        if self.k.dim() != 4 or self.k.shape != self.v.shape:
-            raise ValueError(f"k and v must both be (L, Hkv, T, D); got {tuple(self.k.shape)} and {tuple(self.v.shape)}")
-        if self.k.dtype != self.v.dtype or self.k.device != self.v.device:
-            raise ValueError(f"k and v must share dtype and device; got {self.k.dtype}/{self.k.device} "
-                             f"and {self.v.dtype}/{self.v.device}")
-        if self.positions.dtype != torch.int64 or tuple(self.positions.shape) != (self.k.shape[2],):
-            raise ValueError(f"positions must be int64 of shape ({self.k.shape[2]},), got "
-                             f"{self.positions.dtype} {tuple(self.positions.shape)}")
-        json.dumps(self.meta)  # fail now, not when it is persisted
-
-    @property
-    def num_tokens(self) -> int:
-        return self.k.shape[2]
-
-    @property
-    def nbytes(self) -> int:
-        """Exact bytes of k, v and positions: the amount a tier accounts for this shard."""
-        return shard_nbytes(tuple(self.k.shape), self.k.dtype)
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    fill: Callable[[torch.Tensor], None]
 
     @classmethod
-    def from_cache(cls, cache, *, start: int = 0, end: int | None = None, meta: dict | None = None) -> "KVShard":
-        """Copy tokens [start, end) (default: all `cache.length`) of an engine `KVCache` into a shard.
-
-        Positions are start..end-1 (a single-device cache holds contiguous positions); `meta` gets
-        "length" = end unless given. Use start > 0 to build the delta for `KVStore.append`.
-        """
-        end = cache.length if end is None else end
-        if not 0 <= start <= end <= cache.length:
-            raise ValueError(f"token range [{start}, {end}) is outside the cache's {cache.length} tokens")
-        k = cache.k[:, :, start:end].contiguous()  # (L, Hkv, T, D), a copy: the cache keeps growing in place
-        v = cache.v[:, :, start:end].contiguous()
-        pos = torch.arange(start, end, dtype=torch.int64, device=k.device)
-        return cls(k, v, pos, dict(meta) if meta is not None else {"length": end})
-
-    def into_cache(self, cache) -> None:
-        """Load this shard into a fresh engine `KVCache` (tokens in shard order; cache.length = T)."""
-        if cache.length:
-            raise ValueError(f"the cache already holds {cache.length} tokens; load a shard into a fresh cache")
-        L, Hkv, T, D = self.k.shape
-        if (cache.k.shape[0], cache.k.shape[1], cache.k.shape[3]) != (L, Hkv, D):
-            raise ValueError(f"shard (L, Hkv, D) = {(L, Hkv, D)} does not match the cache's "
-                             f"{(cache.k.shape[0], cache.k.shape[1], cache.k.shape[3])}: a different model?")
-        cache.reserve(T)
-        cache.k[:, :, :T].copy_(self.k)
-        cache.v[:, :, :T].copy_(self.v)
-        cache.length = T
-
-    def to(self, device) -> "KVShard":
-        return KVShard(self.k.to(device), self.v.to(device), self.positions.to(device), dict(self.meta))
-
-
-def shard_nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
-    L, Hkv, T, D = shape
-    return 2 * L * Hkv * T * D * _itemsize(dtype) + 8 * T
+    def of(cls, name: str, t: torch.Tensor) -> "Part":
+        return cls(name, t.dtype, tuple(t.shape), lambda dst: dst.copy_(t))
 
 
 def _itemsize(dtype: torch.dtype) -> int:
@@ -192,8 +113,9 @@ class KeySpace:
     def chunk(self, l0: int, l1: int, t0: int, t1: int, encoding: str) -> str:
         return f"{self.prefix}:kv:{encoding}:t{t0}-{t1}:l{l0}-{l1}"
 
-    def positions(self, t0: int, t1: int) -> str:
-        return f"{self.prefix}:pos:t{t0}-{t1}"
+    def older_manifest(self, version: int) -> str:
+        """Where a manifest of an older format version of the same session would be."""
+        return self.prefix.replace(f":v{FORMAT_VERSION}:", f":v{version}:", 1) + ":manifest"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -202,9 +124,8 @@ class KeySpace:
 
 @dataclass(frozen=True)
 class ChunkPlan:
-    """One value: layers [l0, l1) x tokens [t0, t1), or the positions of [t0, t1) when kind == "pos"."""
+    """One value: layers [l0, l1) x storage tokens [t0, t1) of K and V."""
 
-    kind: str  # "kv" | "pos"
     l0: int
     l1: int
     t0: int
@@ -215,41 +136,34 @@ def plan_chunks(L: int, Hkv: int, D: int, t0: int, t1: int, *, bytes_per_elem: f
     """Split tokens [t0, t1) of every layer into values of at most ~max_bytes (K and V together).
 
     Whole layers are grouped while they fit (so a reader can hand layers over in order); a layer larger
-    than max_bytes is split along tokens. The positions of the range come first, as one value.
+    than max_bytes is split along tokens.
     """
     per_token_layer = 2 * Hkv * D * bytes_per_elem  # K and V of one token of one layer
     T = t1 - t0
-    plans = [ChunkPlan("pos", 0, 0, t0, t1)]
-    if T == 0:
-        return plans
+    if T <= 0:
+        return []
     layers_per_chunk = int(max_bytes // max(1.0, per_token_layer * T))
     if layers_per_chunk >= 1:
-        for l0 in range(0, L, layers_per_chunk):
-            plans.append(ChunkPlan("kv", l0, min(L, l0 + layers_per_chunk), t0, t1))
-    else:
-        tokens_per_chunk = max(1, int(max_bytes // per_token_layer))
-        for l in range(L):
-            for a in range(t0, t1, tokens_per_chunk):
-                plans.append(ChunkPlan("kv", l, l + 1, a, min(t1, a + tokens_per_chunk)))
-    return plans
+        return [ChunkPlan(l0, min(L, l0 + layers_per_chunk), t0, t1) for l0 in range(0, L, layers_per_chunk)]
+    tokens_per_chunk = max(1, int(max_bytes // per_token_layer))
+    return [ChunkPlan(l, l + 1, a, min(t1, a + tokens_per_chunk)) for l in range(L) for a in range(t0, t1, tokens_per_chunk)]
 
 
 # ---------------------------------------------------------------------------------------------------
 # envelope: prefix + JSON header + payload
 
 
-def encoded_size(header: dict, parts: Sequence[tuple[str, torch.dtype, Sequence[int]]]) -> int:
+def encoded_size(header: dict, parts: Sequence[Part]) -> int:
     """Bytes of the value that `encode_into` writes for this header and these parts."""
     return _PREFIX.size + len(_header_bytes(header, parts, _CHECKSUM_PLACEHOLDER)) + _parts_nbytes(parts)
 
 
-def encode_into(buf: memoryview, header: dict, tensors: Sequence[tuple[str, torch.Tensor]]) -> tuple[int, str]:
-    """Write one value into `buf` (a writable byte view): prefix, header, then the tensors' bytes.
+def encode_into(buf: memoryview, header: dict, parts: Sequence[Part]) -> tuple[int, str]:
+    """Write one value into `buf` (a writable byte view): prefix, header, then the parts' bytes.
 
-    The tensors are copied straight into their place in `buf` (one copy; from a CUDA tensor this is the
+    Each part writes itself straight into its place in `buf` (one copy: from device pages this is the
     device-to-host copy into a pinned staging buffer). Returns (bytes written, payload xxh3_64 in hex).
     """
-    parts = [(name, t.dtype, tuple(t.shape)) for name, t in tensors]
     hlen = len(_header_bytes(header, parts, _CHECKSUM_PLACEHOLDER))
     off = _PREFIX.size + hlen
     end = off + _parts_nbytes(parts)
@@ -257,10 +171,10 @@ def encode_into(buf: memoryview, header: dict, tensors: Sequence[tuple[str, torc
         raise ValueError(f"value of {end} bytes does not fit a staging buffer of {len(buf)} bytes")
     dst = torch.frombuffer(buf, dtype=torch.uint8, count=end - off, offset=off) if end > off else None
     pos = 0
-    for _, t in tensors:
-        n = t.numel() * t.element_size()
+    for p in parts:
+        n = _numel(p.shape) * _itemsize(p.dtype)
         if n:
-            dst[pos:pos + n].view(t.dtype).view(t.shape).copy_(t)
+            p.fill(dst[pos:pos + n].view(p.dtype).view(p.shape))
         pos += n
     checksum = format(xxhash.xxh3_64_intdigest(buf[off:end]), "016x")
     hb = _header_bytes(header, parts, checksum)
@@ -283,7 +197,8 @@ def decode(value, key: str, expect: dict) -> tuple[dict, dict[str, torch.Tensor]
     if magic != MAGIC:
         raise KVDataLossError(f"stored KV value {key} is not a ringserve KV value (bad magic)")
     if version != FORMAT_VERSION:
-        raise KVDataLossError(f"stored KV value {key} has format version {version}; this build reads {FORMAT_VERSION}")
+        raise KVDataLossError(f"stored KV value {key} has format version {version}; this build reads only "
+                              f"version {FORMAT_VERSION}: create the session again")
     hb = mv[_PREFIX.size:_PREFIX.size + hlen]
     if len(hb) != hlen or xxhash.xxh3_64_intdigest(hb) != hsum:
         raise KVDataLossError(f"stored KV value {key} failed its header checksum: the value is corrupt")
@@ -313,8 +228,8 @@ def decode(value, key: str, expect: dict) -> tuple[dict, dict[str, torch.Tensor]
     return header, out
 
 
-def _parts_nbytes(parts) -> int:
-    return sum(_numel(shape) * _itemsize(dt) for _, dt, shape in parts)
+def _parts_nbytes(parts: Sequence[Part]) -> int:
+    return sum(_numel(p.shape) * _itemsize(p.dtype) for p in parts)
 
 
 def _numel(shape: Iterable[int]) -> int:
@@ -325,6 +240,6 @@ def _numel(shape: Iterable[int]) -> int:
 
 
 def _header_bytes(header: dict, parts, checksum: str) -> bytes:
-    full = dict(header, format=FORMAT_VERSION, parts=[[n, dtype_name(dt), list(s)] for n, dt, s in parts],
+    full = dict(header, format=FORMAT_VERSION, parts=[[p.name, dtype_name(p.dtype), list(p.shape)] for p in parts],
                 payload_nbytes=_parts_nbytes(parts), payload_xxh3=checksum)
     return json.dumps(full, separators=(",", ":"), sort_keys=True).encode()

@@ -1,7 +1,9 @@
-"""Tiered KV retention for one rank: device memory -> (pinned) host memory -> Redis.
+"""Tiered KV retention for one rank: device pages -> (pinned) host pages -> Redis. The tier state machine.
 
-A `KVStore` holds this rank's shard (`KVShard`) of each retained session. A session is always in
-exactly one of these states (`KVStore.state`):
+A `KVStore` holds this rank's shard of each retained session. The shard lives in pages (kvpages.py):
+on the device tier in the device pool, on the host tier in a host pool of the same page geometry, in
+Redis as checksummed chunks under a manifest (kvredis.py, format in kvformat.py). A session is always
+in exactly one of these states (`KVStore.state`):
 
     resident(device | host | redis)   the fastest tier holding a full copy
     moving(from -> to)                a tier move is in progress
@@ -9,49 +11,52 @@ exactly one of these states (`KVStore.state`):
 
 A write-through session may also have a committed copy in Redis while resident above it.
 
-Moves are large contiguous copies: device<->host on a side CUDA stream into a preallocated host pool
-(pinned on CUDA; ordinary memory on a CPU-only build, where pin_memory() raises); host/device<->Redis
-as self-describing chunks of `chunk_bytes` (kvformat.py), pipelined through a preallocated staging
-buffer, optionally 8-bit (`ringserve.kernels.quant`) for sessions that opt in. The manifest is written
-after the chunks it lists, so it is the commit marker; every key carries a TTL a margin past the
-session's expiry, so a dead process leaks nothing for long.
+How the engine uses it (no working copies, ever):
 
-Redis down: a demotion that cannot reach Redis leaves the session where it was and marks the Redis tier
-degraded; a restore fails with KVUnavailableError after a bounded retry; redis-py reconnects on the
-next command, and the next successful command clears the flag.
+    store.create(sid, meta=..., retention=..., persist=...)     an empty session on the device tier
+    with store.lease(sid) as kv:                                 promoted to the device if needed, and
+        store.reserve(sid, n)                                    pinned there while the request runs;
+        kv.write(layer, kv.slots(a, b), k, v)                    pages for storage [0, n); new K/V go
+        ... attention reads kv's pages in place ...              straight into them
+        store.commit(sid, n, meta=...)                           storage [0, n) is the session now
+    # leaving the lease drops uncommitted slots (a turn that is not retained) and unpins
+
+Moves copy whole pages between pools run by run, or encode them into Redis values straight from the
+pages. A pinned session (a request or a write-through is using it) is never demoted or freed: a
+delete of a pinned session frees its pages when the last user lets go. Capacity is a hard limit in
+pages; running out gives `KVCapacityError` with the numbers.
+
+Redis down: a demotion that cannot reach Redis leaves the session where it was and marks the Redis
+tier degraded; a restore fails with KVUnavailableError after a bounded retry; redis-py reconnects on
+the next command, and the next successful command clears the flag.
 
 Threads: public methods hold one store lock. Write-through runs on one background thread that encodes
-and writes chunks outside the lock (the device tensors it reads are never written in place: promotion
-and append build new tensors) and commits the manifest under the lock.
+and writes chunks outside the lock (the session is pinned, and committed slots are never rewritten)
+and commits the manifest under the lock.
 """
 
 from __future__ import annotations
 
-import bisect
 import logging
 import queue
-import socket
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator
 
-import redis
 import torch
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
-from .kvformat import (KeySpace, KVCapacityError, KVDataLossError, KVNotFoundError, KVShard, KVStoreError,
-                       KVUnavailableError, ChunkPlan, decode, dtype_from_name, dtype_name, encode_into,
-                       encoded_size, plan_chunks, shard_nbytes)
-from .kvpolicy import (PERSIST_MODES, RETENTIONS, Candidate, IdlePolicy, TierCapacity, Watermarks,
-                       idle_target, lower_tiers, lru_victims)
+from .kvpages import KVView, PageGeometry, PagePool
+from .kvpolicy import (PERSIST_MODES, RETENTIONS, Candidate, IdlePolicy, TierCapacity, Watermarks, idle_target,
+                       lower_tiers, lru_victims)
+from .kvredis import Manifest, RedisKV, RedisOptions, RedisTier
+from .protocol import (KVCapacityError, KVDataLossError, KVNotFoundError, KVUnavailableError, MoveCount,
+                       SessionExistsError, StoreCounters)
 
-__all__ = ["KVStore", "KVShard", "KVState", "RedisOptions", "TierCapacity", "Watermarks", "IdlePolicy",
-           "KVStoreError", "KVUnavailableError", "KVDataLossError", "KVNotFoundError", "KVCapacityError"]
+__all__ = ["KVStore", "KVState", "PageGeometry", "RedisOptions", "TierCapacity", "Watermarks", "IdlePolicy"]
 
 log = logging.getLogger(__name__)
-_ALIGN = 64  # host-pool blocks start on 64-byte boundaries
 MOVE_HISTORY = 16  # tier changes remembered per session (read by the billing meter)
 
 
@@ -63,256 +68,14 @@ class KVState:
     reason: str = ""  # lost: what happened
     tokens: int = 0
     persisted_tokens: int = 0  # tokens with a committed copy in Redis
-
-
-@dataclass(frozen=True)
-class RedisOptions:
-    """How the store talks to Redis. A failing call is retried `attempts` times with exponential
-    backoff, and never for longer than `deadline_s` in all, so a dead Redis costs bounded time."""
-
-    attempts: int = 3
-    backoff_base_s: float = 0.05
-    backoff_cap_s: float = 0.5
-    deadline_s: float = 3.0
-    connect_timeout_s: float = 1.0
-    socket_timeout_s: float = 5.0  # per socket read/write, so a hung server cannot hang us either
-    ttl_margin_s: float = 300.0  # keys outlive the session's expiry by this much
-    default_ttl_s: float = 86400.0  # TTL of a session put without expire_at
-    retry_interval_s: float = 1.0  # store-clock seconds between background attempts while degraded
-    pipeline_bytes: int = 64 << 20  # staging buffer: values in flight per pipelined round trip
-
-
-# ---------------------------------------------------------------------------------------------------
-# host tier: one preallocated buffer and a first-fit allocator
-
-
-class HostPool:
-    """A preallocated (pinned on CUDA) byte buffer handing out aligned blocks; no allocation per move."""
-
-    def __init__(self, nbytes: int, *, pinned: bool):
-        self.pinned = pinned
-        self.size = nbytes + (1 << 20 if nbytes else 0)  # slack for block alignment
-        self.buf = torch.empty(self.size, dtype=torch.uint8, pin_memory=pinned)
-        if not pinned:
-            self.buf.zero_()  # fault the pages in now (pinned memory already is), not during the first move
-        self._free: list[tuple[int, int]] = [(0, self.size)] if self.size else []  # sorted (offset, size)
-
-    def alloc(self, nbytes: int) -> int | None:
-        need = -(-max(nbytes, 1) // _ALIGN) * _ALIGN
-        for i, (off, size) in enumerate(self._free):
-            if size >= need:
-                if size == need:
-                    del self._free[i]
-                else:
-                    self._free[i] = (off + need, size - need)
-                return off
-        return None
-
-    def free(self, off: int, nbytes: int) -> None:
-        size = -(-max(nbytes, 1) // _ALIGN) * _ALIGN
-        i = bisect.bisect(self._free, (off, size))
-        self._free.insert(i, (off, size))
-        if i + 1 < len(self._free) and off + size == self._free[i + 1][0]:  # merge with the next block
-            self._free[i] = (off, size + self._free[i + 1][1])
-            del self._free[i + 1]
-        if i > 0 and self._free[i - 1][0] + self._free[i - 1][1] == off:  # and with the previous one
-            self._free[i - 1] = (self._free[i - 1][0], self._free[i - 1][1] + self._free[i][1])
-            del self._free[i]
-
-    def views(self, off: int, shape: Sequence[int], dtype: torch.dtype) -> KVShard:
-        """k, v, positions viewed in place at block `off`: positions first (8-byte aligned), then k, v."""
-        L, Hkv, T, D = shape
-        nk = L * Hkv * T * D * torch.empty((), dtype=dtype).element_size()
-        b = self.buf
-        pos = b[off:off + 8 * T].view(torch.int64)
-        k = b[off + 8 * T:off + 8 * T + nk].view(dtype).view(L, Hkv, T, D)
-        v = b[off + 8 * T + nk:off + 8 * T + 2 * nk].view(dtype).view(L, Hkv, T, D)
-        return KVShard(k, v, pos)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Redis tier: bounded retries, pipelined chunk writes, fast bulk reads into a staging buffer
-
-
-class RedisTier:
-    def __init__(self, url: str, opts: RedisOptions, *, pinned: bool, min_staging: int):
-        self.url, self.opts = url, opts
-        self.client = redis.Redis.from_url(url, socket_timeout=opts.socket_timeout_s,
-                                           socket_connect_timeout=opts.connect_timeout_s,
-                                           socket_read_size=1 << 20, retry=Retry(NoBackoff(), 0))
-        size = max(opts.pipeline_bytes, min_staging)
-        self._staging = torch.empty(size, dtype=torch.uint8, pin_memory=pinned)
-        if not pinned:
-            self._staging.zero_()  # resident from the start, like pinned memory
-        self._staging_mv = memoryview(self._staging.numpy()).cast("B")
-        self._io = threading.Lock()  # one user of the staging buffer at a time
-        self.error: str | None = None  # set while degraded: the last failure
-        self.errors = 0  # calls that failed after their retries (for metrics)
-
-    @property
-    def degraded(self) -> bool:
-        return self.error is not None
-
-    def call(self, what: str, fn: Callable):
-        """Run fn() with bounded retries; KVUnavailableError when Redis stays unreachable."""
-        o, t0, err = self.opts, time.monotonic(), None
-        for attempt in range(o.attempts):
-            try:
-                out = fn()
-                self.error = None
-                return out
-            except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
-                err = e
-            pause = min(o.backoff_cap_s, o.backoff_base_s * 2 ** attempt)
-            if attempt + 1 == o.attempts or time.monotonic() - t0 + pause > o.deadline_s:
-                break
-            time.sleep(pause)
-        self.error = f"{type(err).__name__}: {err}"
-        self.errors += 1
-        raise KVUnavailableError(
-            f"Redis at {self._where()} is unreachable ({what}; {attempt + 1} attempts over "
-            f"{time.monotonic() - t0:.2f} s; last error {self.error}). The KV stays in memory where it was; "
-            "check that Redis is running — the store reconnects by itself, retry later.")
-
-    def _where(self) -> str:
-        kw = self.client.connection_pool.connection_kwargs
-        return f"{kw.get('host', kw.get('path', '?'))}:{kw.get('port', '')}"
-
-    # -- writes --------------------------------------------------------------------------------------
-
-    def write_values(self, items: Iterator[tuple[str, dict, list]], ttl_ms: int) -> list[dict]:
-        """SET every (key, header, tensors) value with a TTL, pipelined in batches that fill the staging
-        buffer; returns one manifest entry per value. A failed batch is retried whole (SET is idempotent)."""
-        entries: list[dict] = []
-        with self._io:
-            batch, used = [], 0
-            for key, header, tensors in items:
-                n = encoded_size(header, [(nm, t.dtype, tuple(t.shape)) for nm, t in tensors])
-                if used + n > len(self._staging_mv) and batch:
-                    self._flush(batch, ttl_ms)
-                    batch, used = [], 0
-                view = self._staging_mv[used:used + n] if n <= len(self._staging_mv) else memoryview(bytearray(n))
-                _, checksum = encode_into(view, header, tensors)
-                batch.append((key, view))
-                used += n if n <= len(self._staging_mv) else 0
-                entries.append(dict(_entry(header), key=key, nbytes=n, payload_xxh3=checksum))
-            if batch:
-                self._flush(batch, ttl_ms)
-        return entries
-
-    def _flush(self, batch: list[tuple[str, memoryview]], ttl_ms: int) -> None:
-        def send():
-            pipe = self.client.pipeline(transaction=False)
-            for key, view in batch:
-                pipe.set(key, view, px=ttl_ms)
-            pipe.execute()
-        self.call(f"writing {len(batch)} KV chunks", send)
-
-    def set_small(self, key: str, value: bytes, ttl_ms: int, what: str) -> None:
-        self.call(what, lambda: self.client.set(key, value, px=ttl_ms))
-
-    # -- reads ---------------------------------------------------------------------------------------
-
-    def read_values(self, entries: Sequence[dict]) -> Iterator[tuple[dict, memoryview | None]]:
-        """Yield (entry, value bytes or None if the key is gone), batch by batch; a view is valid only
-        until the next one is requested (it points into the staging buffer)."""
-        with self._io:
-            i = 0
-            while i < len(entries):
-                batch, used = [], 0
-                while i < len(entries) and (not batch or used + entries[i]["nbytes"] <= len(self._staging_mv)):
-                    batch.append(entries[i])
-                    used += entries[i]["nbytes"]
-                    i += 1
-                values = self.call(f"reading {len(batch)} KV chunks", lambda: self._get_many(batch))
-                yield from zip(batch, values)
-
-    def get_small(self, key: str, what: str):
-        return self.call(what, lambda: self.client.get(key))
-
-    def _get_many(self, batch: Sequence[dict]) -> list[memoryview | None]:
-        """Pipelined GETs read straight into the staging buffer with recv_into.
-
-        redis-py's pure-Python reply parser copies every bulk reply through a BytesIO and caps restores
-        near 0.6 GB/s; reading the replies of our own pipelined GETs off the connection's socket halves
-        the copies. It uses a pooled redis-py connection (so AUTH, TLS and the database come from the URL)
-        and falls back to a plain pipeline if that connection has no socket attribute.
-        """
-        pool = self.client.connection_pool
-        conn = pool.get_connection()
-        try:
-            if getattr(conn, "_sock", None) is None:
-                conn.connect()
-            sock = getattr(conn, "_sock", None)
-            if sock is None:
-                pipe = self.client.pipeline(transaction=False)
-                for e in batch:
-                    pipe.get(e["key"])
-                return [None if v is None else memoryview(v) for v in pipe.execute()]
-            conn.send_packed_command(conn.pack_commands([("GET", e["key"]) for e in batch]))
-            out, used, rest = [], 0, bytearray()
-            for e in batch:
-                line = _read_line(sock, rest)
-                if line[:1] == b"-":
-                    raise redis.ResponseError(line[1:].decode(errors="replace"))
-                n = int(line[1:])
-                if n < 0:
-                    out.append(None)
-                    continue
-                fits = n == e["nbytes"] and used + n <= len(self._staging_mv)
-                dst = self._staging_mv[used:used + n] if fits else memoryview(bytearray(n))
-                used += n if fits else 0
-                _read_exact(sock, rest, dst)
-                _read_exact(sock, rest, memoryview(bytearray(2)))  # the CRLF after the bulk string
-                out.append(dst)
-            if rest:
-                raise redis.ConnectionError("unexpected bytes after the pipelined replies")
-            return out
-        except BaseException:
-            conn.disconnect()  # never hand a connection in an unknown protocol state back to the pool
-            raise
-        finally:
-            pool.release(conn)
-
-
-def _read_line(sock: socket.socket, rest: bytearray) -> bytes:
-    while True:
-        i = rest.find(b"\r\n")
-        if i >= 0:
-            line = bytes(rest[:i])
-            del rest[:i + 2]
-            return line
-        data = sock.recv(65536)
-        if not data:
-            raise redis.ConnectionError("Redis closed the connection")
-        rest += data
-
-
-def _read_exact(sock: socket.socket, rest: bytearray, dst: memoryview) -> None:
-    m = min(len(rest), len(dst))
-    dst[:m] = rest[:m]
-    del rest[:m]
-    got = m
-    while got < len(dst):
-        n = sock.recv_into(dst[got:], len(dst) - got)
-        if n == 0:
-            raise redis.ConnectionError("Redis closed the connection")
-        got += n
-
-
-def _entry(header: dict) -> dict:
-    return {k: header[k] for k in ("kind", "encoding", "l0", "l1", "t0", "t1")}
-
-
-# ---------------------------------------------------------------------------------------------------
-# the store
+    nbytes: int = 0  # bytes the session occupies in its tier (pages, or Redis values)
 
 
 class _Session:
     """Book-keeping of one session (all fields guarded by the store lock)."""
 
-    def __init__(self, sid: str, shape, dtype, meta, *, retention, persist, quantized, expire_at, now, clock):
-        self.id, self.shape, self.dtype, self.meta = sid, tuple(shape), dtype, dict(meta)
+    def __init__(self, sid: str, meta: dict, *, retention, persist, quantized, expire_at, now, clock):
+        self.id, self.meta = sid, dict(meta)
         self.retention, self.persist, self.quantized = retention, persist, quantized
         self.expire_at, self.last_access = expire_at, now
         self._clock = clock
@@ -320,14 +83,16 @@ class _Session:
         # the last tier changes as (number, store-clock time, new tier); billing meters from these
         self.moves: list[tuple[int, float, str]] = []
         self.move_count = 0
-        self.data: KVShard | None = None  # the in-memory copy (device tensors or host-pool views)
-        self.host_off: int | None = None
+        self.pages: list[int] = []  # its pages in the pool of its tier (device or host); [] in Redis
+        self.tokens = 0  # committed storage tokens
         self.moving: tuple[str, str] | None = None
         self.lost: str | None = None
         self.entries: list[dict] = []  # committed Redis values, in manifest order
         self.redis_tokens = 0  # tokens [0, redis_tokens) are committed in Redis
         self.redis_bytes = 0
         self.wt_pending = False  # a write-through is queued or failed and waits for a retry
+        self.pins = 0  # requests and write-throughs using its pages right now
+        self.dead = False  # deleted while pinned: freed when the last pin goes
 
     @property
     def tier(self) -> str | None:
@@ -341,43 +106,42 @@ class _Session:
         self._tier = value
 
     @property
-    def nbytes(self) -> int:
-        return shard_nbytes(self.shape, self.dtype)
-
-    @property
-    def tokens(self) -> int:
-        return self.shape[2]
-
-    @property
     def encoding(self) -> str:
         return "int8" if self.quantized else "raw"
 
 
 class KVStore:
-    """One rank's tiered KV store. See the module docstring for states, moves and failure behaviour.
+    """One rank's tiered, paged KV store. See the module docstring for the states, moves and failures.
 
-    namespace: names this rank's keys (e.g. "group3-rank1"); fingerprint: `LoadedModel.fingerprint`,
-    so KV never meets other weights; capacity: bytes per tier; redis_url: None = no Redis tier;
-    clock: seconds, monotonic (inject one in tests); chunk_bytes: target size of one Redis value.
+    namespace: names this rank's keys (e.g. "sp2-r1"); fingerprint: `LoadedModel.fingerprint`, so KV
+    never meets other weights; geometry: the page shape; capacity: bytes per tier (the memory tiers
+    hold capacity // page_bytes pages); redis_url: None = no Redis tier; clock: seconds, monotonic
+    (inject one in tests); chunk_bytes: target size of one Redis value.
     """
 
-    def __init__(self, namespace: str, fingerprint: str, capacity: TierCapacity, *, redis_url: str | None = None,
-                 device: str | torch.device = "cpu", clock: Callable[[], float] = time.monotonic,
-                 idle: IdlePolicy = IdlePolicy(), watermarks: Watermarks = Watermarks(),
-                 chunk_bytes: int = 16 << 20, redis_options: RedisOptions = RedisOptions()):
+    def __init__(self, namespace: str, fingerprint: str, geometry: PageGeometry, capacity: TierCapacity, *,
+                 redis_url: str | None = None, device: str | torch.device = "cpu",
+                 clock: Callable[[], float] = time.monotonic, idle: IdlePolicy = IdlePolicy(),
+                 watermarks: Watermarks = Watermarks(), chunk_bytes: int = 16 << 20,
+                 redis_options: RedisOptions = RedisOptions()):
+        from .kvformat import KeySpace
+
         KeySpace(fingerprint, "x", namespace)  # validates both names now
-        self.namespace, self.fingerprint, self.capacity = namespace, fingerprint, capacity
+        self.namespace, self.fingerprint, self.capacity, self.geometry = namespace, fingerprint, capacity, geometry
         self.device = torch.device(device)
         self.clock, self.idle, self.marks, self.chunk_bytes = clock, idle, watermarks, chunk_bytes
         cuda = self.device.type == "cuda"
+        pb = geometry.page_bytes
+        self.pools = {"device": PagePool(geometry, capacity.device // pb, device=self.device),
+                      "host": PagePool(geometry, capacity.host // pb, device="cpu", pinned=cuda, touch=True)}
         self._stream = torch.cuda.Stream(self.device) if cuda else None  # side stream for tier copies
-        self.host = HostPool(capacity.host, pinned=cuda)
+        self.ropts = redis_options
         self.redis = (RedisTier(redis_url, redis_options, pinned=cuda, min_staging=2 * chunk_bytes + (1 << 20))
                       if redis_url else None)
-        self.ropts = redis_options
-        self._used = {"device": 0, "host": 0, "redis": 0}
-        # cumulative, for metrics: moves[(from, to)] = [count, bytes, seconds]; restores; lost
-        self._counters = {"moves": {}, "restores": 0, "lost": 0}
+        self.rkv = RedisKV(self.redis, fingerprint, namespace, chunk_bytes=chunk_bytes) if self.redis else None
+        self._redis_used = 0
+        self._moves: dict[tuple[str, str], list] = {}  # (from, to) -> [count, bytes, seconds], for metrics
+        self._restores = self._lost_count = 0
         self._sessions: dict[str, _Session] = {}
         self._lock = threading.RLock()
         self._redis_next_try = float("-inf")  # background Redis attempts wait for this store-clock time
@@ -385,17 +149,19 @@ class KVStore:
         self._worker = threading.Thread(target=self._write_through_loop, name=f"kv-wt-{namespace}", daemon=True)
         self._worker.start()
 
-    # -- public API ----------------------------------------------------------------------------------
+    # -- sessions ------------------------------------------------------------------------------------
 
-    def put(self, session_id: str, shard: KVShard, *, retention: str = "standard", persist: str = "on_demote",
-            expire_at: float | None = None, allow_quantized: bool = False) -> KVState:
-        """Retain `shard` as `session_id` on the device tier (demoting LRU sessions to make room).
+    def create(self, session_id: str, *, meta: dict | None = None, retention: str = "standard",
+               persist: str = "on_demote", expire_at: float | None = None, quantized: bool = False) -> KVState:
+        """A new, empty session on the device tier (its pages come with `reserve`).
 
         retention: "hot" (never leaves the device), "standard" (tiered), "cold" (to Redis once idle).
         persist: "on_demote" (Redis only when demoted) or "write_through" (to Redis in the background
-        now and after each append). expire_at: store-clock time the session expires; Redis keys live
-        `ttl_margin_s` longer. allow_quantized: its Redis copy may be 8-bit (int8 per token and head).
+        after every commit). expire_at: store-clock time the session expires; Redis keys live
+        `ttl_margin_s` longer. quantized: its Redis copy may be 8-bit (int8 per token and head).
         """
+        from .kvformat import KeySpace
+
         if retention not in RETENTIONS:
             raise ValueError(f"retention must be one of {RETENTIONS}, got {retention!r}")
         if persist not in PERSIST_MODES:
@@ -405,92 +171,126 @@ class KVStore:
         KeySpace(self.fingerprint, session_id, self.namespace)
         with self._lock:
             if session_id in self._sessions:
-                raise ValueError(f"session {session_id!r} is already stored on {self.namespace}; "
-                                 "append to it or delete it first")
-            s = _Session(session_id, shard.k.shape, shard.k.dtype, shard.meta, retention=retention, persist=persist,
-                         quantized=allow_quantized, expire_at=expire_at, now=self.clock(), clock=self.clock)
-            self._make_room("device", s)
-            s.data = self._to_device(shard)
+                raise SessionExistsError(f"session {session_id!r} is already stored on {self.namespace}")
+            s = _Session(session_id, meta or {}, retention=retention, persist=persist, quantized=quantized,
+                         expire_at=expire_at, now=self.clock(), clock=self.clock)
             s.tier = "device"
-            self._used["device"] += s.nbytes
             self._sessions[session_id] = s
-            if persist == "write_through":
-                self._queue_write_through(s)
             return self._state(s)
 
-    def get(self, session_id: str) -> KVShard:
-        """The session's shard on the device tier, promoting it first. Read-only: do not write into it."""
+    @contextmanager
+    def lease(self, session_id: str) -> Iterator[KVView]:
+        """The session's pages on the device tier for one request: promoted first if needed, pinned (never
+        demoted or freed) until the block ends. On exit, slots past the committed length are dropped."""
         with self._lock:
             s = self._session(session_id)
             s.last_access = self.clock()
             if s.tier != "device":
                 self._promote(s)
-            return KVShard(s.data.k, s.data.v, s.data.positions, dict(s.meta))
+            s.pins += 1
+            view = KVView(self.pools["device"], s.pages, s.tokens, s.id)
+        try:
+            yield view
+        finally:
+            with self._lock:
+                if not s.dead:
+                    self._trim(s, s.tokens)
+                    s.last_access = self.clock()
+                self._unpin(s)
 
-    def append(self, session_id: str, delta: KVShard) -> KVState:
-        """Add the tokens of a turn (k, v (L, Hkv, Tn, D), positions (Tn,)) after the session's tokens.
-
-        meta of the delta replaces the session's meta when non-empty. Write-through sessions persist
-        only the new tokens (and a new manifest) in the background.
-        """
+    def reserve(self, session_id: str, tokens: int) -> None:
+        """Pages for storage [0, tokens) of a leased session (demoting LRU sessions to make room).
+        Raises KVCapacityError, with the numbers, when the device tier cannot hold them."""
         with self._lock:
             s = self._session(session_id)
+            if s.tier != "device" or not s.pins:
+                raise RuntimeError(f"reserve() needs session {session_id!r} leased on the device tier")
+            need = self.geometry.pages_for(tokens) - len(s.pages)
+            if need <= 0:
+                return
+            self._make_room("device", s, need)
+            got = self.pools["device"].alloc(need, after=s.pages[-1] if s.pages else None)
+            assert got is not None  # _make_room guaranteed the free pages
+            s.pages.extend(got)  # the same list object the lease's KVView reads
+
+    def commit(self, session_id: str, tokens: int, meta: dict | None = None) -> KVState:
+        """Storage [0, tokens) of the (leased) session now holds its tokens; slots past it are freed.
+        Shrinking below what is already committed is refused (its Redis copy would disagree)."""
+        with self._lock:
+            s = self._session(session_id)
+            if tokens < s.tokens:
+                raise ValueError(f"session {session_id!r} holds {s.tokens} committed tokens; cannot commit {tokens}")
+            if tokens > len(s.pages) * self.geometry.block:
+                raise ValueError(f"session {session_id!r} has pages for {len(s.pages) * self.geometry.block} tokens, "
+                                 f"not {tokens}: reserve() first")
+            grew = tokens > s.tokens
+            s.tokens = tokens
+            if meta is not None:
+                s.meta = dict(meta)
+            self._trim(s, tokens)
             s.last_access = self.clock()
-            if s.tier != "device":
-                self._promote(s)
-            cur = s.data
-            if (delta.k.shape[0], delta.k.shape[1], delta.k.shape[3]) != (s.shape[0], s.shape[1], s.shape[3]) \
-                    or delta.k.dtype != s.dtype:
-                raise ValueError(f"delta {tuple(delta.k.shape)} {delta.k.dtype} does not match session "
-                                 f"{session_id!r} {s.shape} {s.dtype}")
-            grown = KVShard(torch.cat([cur.k, delta.k.to(self.device)], 2), torch.cat([cur.v, delta.v.to(self.device)], 2),
-                            torch.cat([cur.positions, delta.positions.to(self.device)]), delta.meta or s.meta)
-            extra = grown.nbytes - s.nbytes
-            self._used["device"] -= s.nbytes
-            try:
-                self._make_room("device", s, need=grown.nbytes)
-            finally:
-                self._used["device"] += s.nbytes
-            s.data, s.shape, s.meta = grown, tuple(grown.k.shape), dict(grown.meta)
-            self._used["device"] += extra
-            if s.persist == "write_through":
+            if grew and s.persist == "write_through":
                 self._queue_write_through(s)
             return self._state(s)
+
+    def put(self, session_id: str, k: torch.Tensor, v: torch.Tensor, *, meta: dict | None = None, **opts) -> KVState:
+        """Store a whole shard k, v (L, T, Hkv, D) as a new session (create + reserve + write + commit)."""
+        T = k.shape[1]
+        self.create(session_id, meta=meta, **opts)
+        try:
+            with self.lease(session_id) as kv:
+                self.reserve(session_id, T)
+                slots = kv.slots(0, T)
+                for layer in range(self.geometry.layers):
+                    kv.write(layer, slots, k[layer].to(self.device), v[layer].to(self.device))
+                return self.commit(session_id, T)
+        except BaseException:
+            self.delete(session_id)
+            raise
+
+    def read(self, session_id: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """A copy of the session's shard as k, v (L, T, Hkv, D) on the device (promoting it first)."""
+        g = self.geometry
+        with self.lease(session_id) as kv:
+            T = kv.length
+            k = torch.empty(g.layers, T, g.kv_heads, g.head_dim, dtype=g.dtype, device=self.device)
+            v = torch.empty_like(k)
+            kv.pool.read(kv.pages, slice(None), 0, T, k, v)
+            return k, v
 
     def delete(self, session_id: str) -> None:
         """Free the session on every tier, its Redis keys included (also one known only to Redis)."""
         with self._lock:
             s = self._sessions.pop(session_id, None)
             if s is None:
-                if self.redis is None:
+                if self.rkv is None:
                     raise KVNotFoundError(f"session {session_id!r} is not stored on {self.namespace}")
-                keys = KeySpace(self.fingerprint, session_id, self.namespace)
-                header = self._read_manifest(keys, missing_ok=True)
-                if header is None and not self.redis.get_small(keys.begin, "checking a session"):
+                m = self.rkv.manifest(session_id, missing_ok=True)
+                keys = self.rkv.keys(session_id)
+                if m is None and not self.redis.get_small(keys.begin, "checking a session"):
                     raise KVNotFoundError(f"session {session_id!r} is not stored on {self.namespace} nor in Redis")
-                entries = header["values"] if header else []
-                self.redis.call("deleting a session", lambda: self.redis.client.delete(
-                    keys.manifest, keys.begin, *[e["key"] for e in entries]))
+                self.rkv.delete(session_id, m.values if m else [])
                 return
-            self._drop_memory(s)
-            self._used["redis"] -= s.redis_bytes
-            if self.redis is not None:
-                keys = KeySpace(self.fingerprint, s.id, self.namespace)
-                try:  # the manifest goes first: a crash in between leaves uncommitted chunks that expire by TTL
-                    self.redis.call("deleting a session", lambda: self.redis.client.delete(
-                        keys.manifest, keys.begin, *[e["key"] for e in s.entries]))
+            s.dead = True
+            if not s.pins:
+                self._drop_memory(s)
+            self._redis_used -= s.redis_bytes
+            if self.rkv is not None:
+                try:
+                    self.rkv.delete(s.id, s.entries)
                 except KVUnavailableError as e:  # freed here; its keys expire by their TTL
                     log.warning("deleted %s from memory; its Redis keys will expire by TTL: %s", s.id, e)
 
     def state(self, session_id: str) -> KVState:
-        s = self._sessions.get(session_id)
-        if s is None:
-            raise KVNotFoundError(f"session {session_id!r} is not stored on {self.namespace}")
-        return self._state(s)
+        with self._lock:
+            s = self._sessions.get(session_id)
+            if s is None:
+                raise KVNotFoundError(f"session {session_id!r} is not stored on {self.namespace}")
+            return self._state(s)
 
     def demote(self, session_id: str, to: str | None = None) -> KVState:
         """Move a session down now (to the next lower tier by default). If the target cannot take it
-        (full, or Redis unreachable) the session stays where it is and the state says so."""
+        (full, Redis unreachable, or the session is in use) it stays where it is and the state says so."""
         with self._lock:
             s = self._session(session_id)
             self._demote(s, to, background=False)
@@ -505,7 +305,7 @@ class KVStore:
             for s in [s for s in self._sessions.values() if s.expire_at is not None and now >= s.expire_at]:
                 self.delete(s.id)  # Redis down: its keys expire by TTL
             for s in sorted(self._sessions.values(), key=lambda s: s.last_access):
-                if s.lost or s.tier not in ("device", "host"):
+                if s.lost or s.pins or s.tier not in ("device", "host"):
                     continue
                 target = idle_target(self._candidate(s), now, self.idle, has_redis=self.redis is not None)
                 if target is not None:
@@ -513,47 +313,49 @@ class KVStore:
                     if self._demote(s, target, background=True):
                         moves.append((s.id, src, s.tier))
             for tier in ("device", "host"):
-                for sid in lru_victims(self._candidates(tier), used=self._used[tier], need=0,
-                                       capacity=self.capacity.of(tier), marks=self.marks):
+                for sid in lru_victims(self._candidates(tier), used=self._used(tier), need=0,
+                                       capacity=self._cap(tier), marks=self.marks):
                     s = self._sessions[sid]
                     if self._demote(s, None, background=True):
                         moves.append((sid, tier, s.tier))
             if self.redis is not None and self._redis_due():
                 for s in [s for s in self._sessions.values() if s.wt_pending and not self._jobs.unfinished_tasks]:
-                    self._persist_now(s, background=True)
+                    self._persist_now(s)
         return moves
 
     def restore(self, session_id: str, *, to: str = "device", expire_at: float | None = None) -> KVState:
         """Adopt a session from Redis (written by another, possibly dead, group) and load it to `to`.
 
         The expiry is taken from the manifest's remaining TTL unless given. Raises KVNotFoundError if
-        Redis has no such session, KVDataLossError if it is incomplete or corrupt (nothing is loaded),
-        KVUnavailableError if Redis is down.
+        Redis has no such session, KVDataLossError if it is incomplete, corrupt or of an older format
+        (nothing is loaded), KVUnavailableError if Redis is down.
         """
-        if self.redis is None:
+        if self.rkv is None:
             raise KVUnavailableError("this store has no Redis tier to restore from: construct it with redis_url")
         with self._lock:
             if session_id in self._sessions:
                 s = self._sessions[session_id]
             else:
-                keys = KeySpace(self.fingerprint, session_id, self.namespace)
-                h = self._read_manifest(keys, missing_ok=False)
-                pttl = self.redis.call("reading a manifest TTL", lambda: self.redis.client.pttl(keys.manifest))
+                m = self.rkv.manifest(session_id, missing_ok=False)
+                g = self.geometry
+                if (m.shape[0], m.shape[2], m.shape[3]) != (g.layers, g.kv_heads, g.head_dim) or m.dtype != g.dtype:
+                    raise KVDataLossError(f"session {session_id!r} in Redis has shape {m.shape} {m.dtype}; this "
+                                          f"store holds (L, Hkv, D) = {(g.layers, g.kv_heads, g.head_dim)} {g.dtype}")
+                pttl = self.rkv.ttl_ms(session_id)
                 if expire_at is None and pttl and pttl > 0:
                     expire_at = self.clock() + max(0.0, pttl / 1000 - self.ropts.ttl_margin_s)
-                s = _Session(session_id, h["shape"], dtype_from_name(h["dtype"]), h["meta"],
-                             retention=h["retention"], persist=h["persist"], quantized=h["encoding"] == "int8",
-                             expire_at=expire_at, now=self.clock(), clock=self.clock)
-                s.tier, s.entries, s.redis_tokens = "redis", h["values"], h["shape"][2]
+                s = _Session(session_id, m.meta, retention=m.retention, persist=m.persist,
+                             quantized=m.encoding == "int8", expire_at=expire_at, now=self.clock(), clock=self.clock)
+                s.tier, s.entries, s.redis_tokens, s.tokens = "redis", m.values, m.tokens, m.tokens
                 s.redis_bytes = sum(e["nbytes"] for e in s.entries)
-                self._used["redis"] += s.redis_bytes
+                self._redis_used += s.redis_bytes
                 self._sessions[session_id] = s
-                self._counters["restores"] += 1
+                self._restores += 1
             s.last_access = self.clock()
             if to == "device" and s.tier != "device":
                 self._promote(s)
             elif to == "host" and s.tier == "redis":
-                self._load_to_host(s)
+                self._load(s, "host")
             return self._state(s)
 
     def set_expiry(self, session_id: str, expire_at: float | None) -> None:
@@ -561,16 +363,8 @@ class KVStore:
         with self._lock:
             s = self._session(session_id, allow_lost=True)
             s.expire_at = expire_at
-            if self.redis is not None and s.entries:
-                keys = KeySpace(self.fingerprint, s.id, self.namespace)
-                ttl = self._ttl_ms(s)
-
-                def expire():
-                    pipe = self.redis.client.pipeline(transaction=False)
-                    for key in [keys.manifest, keys.begin, *[e["key"] for e in s.entries]]:
-                        pipe.pexpire(key, ttl)
-                    pipe.execute()
-                self.redis.call("extending key TTLs", expire)
+            if self.rkv is not None and s.entries:
+                self.rkv.expire(s.id, s.entries, self._ttl_ms(s))
 
     def flush(self, timeout: float | None = 30.0) -> None:
         """Wait until queued write-throughs are done; KVUnavailableError names those that failed."""
@@ -585,37 +379,36 @@ class KVStore:
             raise KVUnavailableError(f"write-through of sessions {failed} could not reach Redis "
                                      f"({self.redis.error}); they stay in memory and tick() retries")
 
+    # -- introspection -------------------------------------------------------------------------------
+
     def stats(self) -> dict:
-        """Bytes and sessions per tier, capacities, and whether the Redis tier is degraded."""
+        """Bytes, pages and sessions per tier, capacities, and whether the Redis tier is degraded."""
         with self._lock:
             ss = list(self._sessions.values())
-            tiers = {t: {"bytes": self._used[t], "capacity": getattr(self.capacity, t),
+            tiers = {t: {"bytes": self._used(t), "capacity": getattr(self.capacity, t),
                          "sessions": sum(1 for s in ss if s.tier == t and not s.lost)} for t in ("device", "host", "redis")}
-            tiers["host"]["pinned"] = self.host.pinned
+            for t in ("device", "host"):
+                tiers[t].update(pages=self.pools[t].pages, free_pages=self.pools[t].free_pages)
+            tiers["host"]["pinned"] = self.pools["host"].k.is_pinned()
             tiers["redis"]["sessions_persisted"] = sum(1 for s in ss if s.entries)
             tiers["redis"]["enabled"] = self.redis is not None
             tiers["redis"]["degraded"] = bool(self.redis and self.redis.degraded)
             tiers["redis"]["error"] = self.redis.error if self.redis else None
             return {"namespace": self.namespace, "sessions": len(ss), "lost": sum(1 for s in ss if s.lost),
-                    "moving": sum(1 for s in ss if s.moving), "tiers": tiers}
+                    "moving": sum(1 for s in ss if s.moving), "page_bytes": self.geometry.page_bytes, "tiers": tiers}
 
-    def counters(self) -> dict:
-        """Cumulative counts for metrics: {"moves": {(from, to): [count, bytes, seconds]}, "restores",
-        "lost", "redis_errors"}; bytes are the session's in-memory size."""
+    def counters(self) -> StoreCounters:
+        """Cumulative counts for metrics and for the in-place checks (bytes written and copied on the device)."""
         with self._lock:
-            return {"moves": {k: list(v) for k, v in self._counters["moves"].items()},
-                    "restores": self._counters["restores"], "lost": self._counters["lost"],
-                    "redis_errors": self.redis.errors if self.redis else 0}
+            dev = self.pools["device"]
+            return StoreCounters(moves={k: MoveCount(*v) for k, v in self._moves.items()}, restores=self._restores,
+                                 lost=self._lost_count, redis_errors=self.redis.errors if self.redis else 0,
+                                 bytes_written=dev.bytes_written, bytes_copied=dev.bytes_copied,
+                                 pages_allocated=dev.pages_allocated)
 
     def retention(self, session_id: str) -> str:
         with self._lock:
             return self._session(session_id, allow_lost=True).retention
-
-    def _count_move(self, src: str, dst: str, nbytes: int, t0: float) -> None:
-        c = self._counters["moves"].setdefault((src, dst), [0, 0, 0.0])
-        c[0] += 1
-        c[1] += nbytes
-        c[2] += max(0.0, self.clock() - t0)
 
     def tier_moves(self, session_id: str) -> list[tuple[int, float, str]]:
         """The session's last tier changes as (number, seconds ago, new tier), oldest first; the
@@ -627,12 +420,13 @@ class KVStore:
             return [(n, max(0.0, now - t), tier) for n, t, tier in s.moves]
 
     def meta(self, session_id: str) -> dict:
-        """The session's metadata (as given with its last put or append)."""
+        """The session's metadata (as given with its last commit)."""
         with self._lock:
             return dict(self._session(session_id).meta)
 
     def sessions(self) -> list[str]:
-        return list(self._sessions)
+        with self._lock:
+            return list(self._sessions)
 
     def close(self) -> None:
         self._jobs.put(None)
@@ -640,147 +434,149 @@ class KVStore:
         if self.redis is not None:
             self.redis.client.close()
 
-    # -- moves ---------------------------------------------------------------------------------------
+    # -- memory --------------------------------------------------------------------------------------
 
-    def _make_room(self, tier: str, s: _Session, need: int | None = None) -> None:
-        """Demote LRU sessions of `tier` so that s (need bytes) fits; KVCapacityError if it cannot."""
-        need = s.nbytes if need is None else need
-        cap = self.capacity.of(tier)
-        hot = sum(o.nbytes for o in self._sessions.values() if o.tier == tier and o.retention == "hot" and o is not s)
-        if need + hot > cap:
+    def _cap(self, tier: str) -> float:
+        if tier == "redis":
+            return self.capacity.of("redis")
+        return self.pools[tier].pages * self.geometry.page_bytes
+
+    def _used(self, tier: str) -> int:
+        if tier == "redis":
+            return self._redis_used
+        p = self.pools[tier]
+        return (p.pages - p.free_pages) * self.geometry.page_bytes
+
+    def _nbytes(self, s: _Session) -> int:
+        return len(s.pages) * self.geometry.page_bytes if s.tier in ("device", "host") else s.redis_bytes
+
+    def _trim(self, s: _Session, tokens: int) -> None:
+        """Free the pages past storage [0, tokens)."""
+        keep = self.geometry.pages_for(tokens)
+        if s.tier in ("device", "host") and len(s.pages) > keep:
+            self.pools[s.tier].free(s.pages[keep:])
+            del s.pages[keep:]
+
+    def _unpin(self, s: _Session) -> None:
+        s.pins -= 1
+        if s.dead and not s.pins:
+            self._drop_memory(s)
+
+    def _drop_memory(self, s: _Session) -> None:
+        if s.tier in ("device", "host") and s.pages:
+            self.pools[s.tier].free(s.pages)
+        s.pages = []
+
+    def _make_room(self, tier: str, s: _Session, need: int) -> None:
+        """Demote LRU sessions of `tier` so that `need` more pages of s fit; KVCapacityError if they cannot."""
+        pool, pb = self.pools[tier], self.geometry.page_bytes
+        others = [o for o in self._sessions.values() if o.tier == tier and o is not s]
+        hot = sum(len(o.pages) for o in others if o.retention == "hot")
+        busy = sum(len(o.pages) for o in others if o.pins and o.retention != "hot")
+        mine = len(s.pages) if s.tier == tier else 0
+        if need + mine + hot > pool.pages:
             raise KVCapacityError(
-                f"session {s.id!r} needs {need} bytes on the {tier} tier of {self.namespace}, which holds "
-                f"{cap:.0f} bytes ({hot} of them pinned by hot sessions): raise the {tier} capacity, "
-                "shorten the session, or spread it over more ranks")
-        for sid in lru_victims(self._candidates(tier, exclude=s), used=self._used[tier], need=need,
-                               capacity=cap, marks=self.marks):
+                f"session {s.id!r} needs {need + mine} pages ({(need + mine) * pb} bytes) on the {tier} tier of "
+                f"{self.namespace}, which has {pool.pages} pages of {pb} bytes ({hot} of them pinned by hot "
+                f"sessions): raise the {tier} capacity, shorten the session, or spread it over more ranks")
+        for sid in lru_victims(self._candidates(tier, exclude=s), used=self._used(tier), need=need * pb,
+                               capacity=self._cap(tier), marks=self.marks):
             self._demote(self._sessions[sid], None, background=True)
-        if self._used[tier] + need > cap:
+        if pool.free_pages < need:
             why = f"; Redis tier degraded ({self.redis.error})" if self.redis and self.redis.degraded else ""
             raise KVCapacityError(
-                f"the {tier} tier of {self.namespace} is full ({self._used[tier]} of {cap:.0f} bytes) and "
-                f"nothing more can be demoted to make room for {need} bytes of session {s.id!r}{why}; "
-                "retry later or raise the tier capacities")
+                f"the {tier} tier of {self.namespace} has {pool.free_pages} free pages of {pool.pages} and session "
+                f"{s.id!r} needs {need} more ({need * pb} bytes); {busy} pages are held by requests in flight and "
+                f"{hot} by hot sessions, and nothing more can be demoted{why}; retry later or raise the tier capacities")
+
+    # -- moves ---------------------------------------------------------------------------------------
 
     def _demote(self, s: _Session, target: str | None, *, background: bool) -> bool:
         """Move s down to `target` (default: the nearest lower tier that takes it). True if it moved."""
-        if s.lost or s.retention == "hot" or s.tier == "redis":
+        if s.lost or s.retention == "hot" or s.tier == "redis" or s.pins:
             return False
         targets = [target] if target else lower_tiers(s.tier, has_redis=self.redis is not None)
         for t in targets:
-            if t == "host" and s.tier == "device" and self._fits_host(s) and self._move_to_host(s):
+            if t == "host" and s.tier == "device" and self._move_pages(s, "host"):
                 return True
             if t == "redis" and self.redis is not None:
                 if background and not self._redis_due():
                     return False
                 t0 = self.clock()
-                if self._persist_now(s, background=background):
-                    src = s.tier
-                    self._count_move(src, "redis", s.nbytes, t0)
+                if self._persist_now(s):
+                    src, nbytes = s.tier, self._nbytes(s)
                     s.moving = (src, "redis")
                     self._drop_memory(s)
                     s.tier, s.moving = "redis", None
+                    self._count_move(src, "redis", nbytes, t0)
                     return True
                 return False
         return False
 
-    def _fits_host(self, s: _Session) -> bool:
-        if s.nbytes > self.capacity.host:
-            return False
+    def _move_pages(self, s: _Session, dst: str) -> bool:
+        """Copy s's pages into the `dst` pool (device <-> host) and free the old ones. False if dst is full."""
+        n = len(s.pages)
         try:
-            self._make_room("host", s)
+            self._make_room(dst, s, n)
         except KVCapacityError:
+            if dst == "device":
+                raise
             return False
+        src, t0 = s.tier, self.clock()
+        s.moving = (src, dst)
+        new = self.pools[dst].alloc(n)
+        try:
+            self._copy(self.pools[src], self.pools[dst], s.pages, new)
+        except BaseException:
+            self.pools[dst].free(new)
+            raise
+        finally:
+            s.moving = None
+        self.pools[src].free(s.pages)
+        s.pages, s.tier = new, dst
+        self._count_move(src, dst, n * self.geometry.page_bytes, t0)
         return True
-
-    def _move_to_host(self, s: _Session) -> bool:
-        off = self._host_alloc(s)
-        if off is None:
-            return False
-        t0 = self.clock()
-        s.moving = (s.tier, "host")
-        dst = self.host.views(off, s.shape, s.dtype)
-        self._copy([dst.k, dst.v, dst.positions], [s.data.k, s.data.v, s.data.positions])
-        self._drop_memory(s)
-        s.data, s.host_off, s.tier, s.moving = KVShard(dst.k, dst.v, dst.positions, s.meta), off, "host", None
-        self._used["host"] += s.nbytes
-        self._count_move("device", "host", s.nbytes, t0)
-        return True
-
-    def _host_alloc(self, s: _Session) -> int | None:
-        """A pool block for s; fragmentation is treated as pressure (LRU host sessions go to Redis)."""
-        off = self.host.alloc(s.nbytes)
-        for victim in sorted(self._candidates("host", exclude=s), key=lambda c: c.last_access):
-            if off is not None:
-                break
-            self._demote(self._sessions[victim.session], "redis", background=True)
-            off = self.host.alloc(s.nbytes)
-        return off
 
     def _promote(self, s: _Session) -> None:
         """Bring s to the device tier (from host memory, or straight from Redis). Raises if it cannot."""
         if s.lost:
             raise KVDataLossError(f"session {s.id!r} is lost: {s.lost}")
-        self._make_room("device", s)
-        src, t0 = s.tier, self.clock()
-        s.moving = (src, "device")
-        try:
-            dev = KVShard(*(torch.empty(s.shape, dtype=s.dtype, device=self.device) for _ in range(2)),
-                          torch.empty(s.tokens, dtype=torch.int64, device=self.device), s.meta)
-            if src == "host":
-                self._copy([dev.k, dev.v, dev.positions], [s.data.k, s.data.v, s.data.positions])
-                self._drop_memory(s)
-            else:
-                self._read_redis(s, dev)
-        finally:
-            s.moving = None
-        s.data, s.tier = dev, "device"
-        self._used["device"] += s.nbytes
-        self._count_move(src, "device", s.nbytes, t0)
+        if s.tier == "host":
+            self._move_pages(s, "device")
+        else:
+            self._load(s, "device")
 
-    def _load_to_host(self, s: _Session) -> None:
-        if not self._fits_host(s) or (off := self._host_alloc(s)) is None:
-            raise KVCapacityError(f"the host tier of {self.namespace} cannot hold session {s.id!r} ({s.nbytes} bytes)")
-        s.moving, t0 = ("redis", "host"), self.clock()
-        views = self.host.views(off, s.shape, s.dtype)
+    def _load(self, s: _Session, dst: str) -> None:
+        """Read s from Redis into fresh pages of the `dst` pool."""
+        n = self.geometry.pages_for(s.tokens)
+        self._make_room(dst, s, n)
+        pages, t0 = self.pools[dst].alloc(n), self.clock()
+        s.moving = ("redis", dst)
         try:
-            self._read_redis(s, views)
+            self._read_redis(s, self.pools[dst], pages)
         except BaseException:
-            self.host.free(off, s.nbytes)
+            self.pools[dst].free(pages)
             raise
         finally:
             s.moving = None
-        s.data, s.host_off, s.tier = KVShard(views.k, views.v, views.positions, s.meta), off, "host"
-        self._used["host"] += s.nbytes
-        self._count_move("redis", "host", s.nbytes, t0)
+        s.pages, s.tier = pages, dst
+        self._count_move("redis", dst, n * self.geometry.page_bytes, t0)
 
-    def _drop_memory(self, s: _Session) -> None:
-        if s.tier == "device" and s.data is not None:
-            self._used["device"] -= s.nbytes
-        elif s.tier == "host" and s.host_off is not None:
-            self.host.free(s.host_off, s.nbytes)
-            self._used["host"] -= s.nbytes
-        s.data, s.host_off = None, None
-
-    def _copy(self, dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
-        """Large contiguous copies; on CUDA on the side stream, after the compute stream's pending work."""
+    def _copy(self, src: PagePool, dst: PagePool, src_pages: list[int], dst_pages: list[int]) -> None:
+        """Whole-page copies; on CUDA on the side stream, after the compute stream's pending work."""
         if self._stream is None:
-            for d, x in zip(dst, src):
-                d.copy_(x)
+            src.copy_pages_to(dst, src_pages, dst_pages)
             return
         self._stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._stream):
-            for d, x in zip(dst, src):
-                d.copy_(x, non_blocking=True)
+            src.copy_pages_to(dst, src_pages, dst_pages, non_blocking=True)
         self._stream.synchronize()
 
-    def _to_device(self, shard: KVShard) -> KVShard:
-        if shard.k.device == self.device:  # keep the caller's tensors: the store never writes into them
-            return KVShard(shard.k.contiguous(), shard.v.contiguous(), shard.positions.contiguous(), dict(shard.meta))
-        dev = KVShard(torch.empty_like(shard.k, device=self.device), torch.empty_like(shard.v, device=self.device),
-                      torch.empty_like(shard.positions, device=self.device), dict(shard.meta))
-        self._copy([dev.k, dev.v, dev.positions], [shard.k, shard.v, shard.positions])
-        return dev
+    def _count_move(self, src: str, dst: str, nbytes: int, t0: float) -> None:
+        c = self._moves.setdefault((src, dst), [0, 0, 0.0])
+        c[0] += 1
+        c[1] += nbytes
+        c[2] += max(0.0, self.clock() - t0)
 
     # -- Redis persistence ---------------------------------------------------------------------------
 
@@ -791,141 +587,75 @@ class KVStore:
         left = (s.expire_at - self.clock()) if s.expire_at is not None else self.ropts.default_ttl_s
         return max(1000, int(1000 * (left + self.ropts.ttl_margin_s)))
 
-    def _persist_now(self, s: _Session, *, background: bool) -> bool:
-        """Write s's tokens not yet in Redis from its in-memory copy, then the manifest (under the lock)."""
+    def _persist_now(self, s: _Session) -> bool:
+        """Write s's tokens not yet in Redis from its pages, then the manifest (under the lock)."""
         if s.redis_tokens >= s.tokens and s.entries:
             s.wt_pending = False
             return True
         try:
-            entries = self._write_values(s, s.data, s.redis_tokens, s.tokens)
+            entries = self._write_values(s, list(s.pages), s.redis_tokens, s.tokens)
             self._commit(s, entries, s.tokens)
             return True
         except KVUnavailableError as e:
             self._redis_next_try = self.clock() + self.ropts.retry_interval_s
-            log.warning("KV demotion of %s kept in memory: %s", s.id, e)
+            log.warning("KV persistence of %s kept in memory: %s", s.id, e)
             if s.persist == "write_through":
                 s.wt_pending = True
             return False
         except KVCapacityError as e:
-            log.warning("KV demotion of %s kept in memory: %s", s.id, e)
+            log.warning("KV persistence of %s kept in memory: %s", s.id, e)
             return False
 
-    def _write_values(self, s: _Session, src: KVShard, t0: int, t1: int) -> list[dict]:
-        """Write chunks for tokens [t0, t1) of `src` (a full-session shard); returns manifest entries."""
-        L, Hkv, _, D = s.shape
-        bpe = 1 + 4 / D if s.quantized else src.k.element_size()
-        plans = plan_chunks(L, Hkv, D, t0, t1, bytes_per_elem=bpe, max_bytes=self.chunk_bytes)
-        est = int(sum(2 * (p.l1 - p.l0) * Hkv * (p.t1 - p.t0) * D * bpe for p in plans) + 8 * (t1 - t0))
-        if self._used["redis"] + est > self.capacity.of("redis"):
-            raise KVCapacityError(f"the Redis tier of {self.namespace} is full ({self._used['redis']} of "
+    def _write_values(self, s: _Session, pages: list[int], t0: int, t1: int) -> list[dict]:
+        pool = self.pools[s.tier]
+        est = self.rkv.estimate(pool, t0, t1, s.quantized)
+        if self._redis_used + est > self.capacity.of("redis"):
+            raise KVCapacityError(f"the Redis tier of {self.namespace} is full ({self._redis_used} of "
                                   f"{self.capacity.redis} bytes)")
-        keys = KeySpace(self.fingerprint, s.id, self.namespace)
-        ttl = self._ttl_ms(s)
-        if not s.entries:
-            self.redis.set_small(keys.begin, b"1", ttl, "marking a session write")
-        base = {"fingerprint": self.fingerprint, "session": s.id, "namespace": self.namespace,
-                "dtype": dtype_name(s.dtype), "encoding": s.encoding}
-        return self.redis.write_values(self._value_items(keys, base, s, src, plans), ttl)
-
-    def _value_items(self, keys: KeySpace, base: dict, s: _Session, src: KVShard, plans: list[ChunkPlan]):
-        for p in plans:
-            header = dict(base, kind=p.kind, l0=p.l0, l1=p.l1, t0=p.t0, t1=p.t1)
-            if p.kind == "pos":
-                yield keys.positions(p.t0, p.t1), header, [("positions", src.positions[p.t0:p.t1])]
-                continue
-            k = src.k[p.l0:p.l1, :, p.t0:p.t1]  # (l, Hkv, t, D)
-            v = src.v[p.l0:p.l1, :, p.t0:p.t1]
-            key = keys.chunk(p.l0, p.l1, p.t0, p.t1, s.encoding)
-            if s.quantized:
-                from ringserve.kernels.quant import quantize_kv
-                qk, sk = quantize_kv(k)  # int8 (l, Hkv, t, D), scale (l, Hkv, t) fp32
-                qv, sv = quantize_kv(v)
-                yield key, header, [("k_q", qk), ("k_scale", sk), ("v_q", qv), ("v_scale", sv)]
-            else:
-                yield key, header, [("k", k), ("v", v)]
+        return self.rkv.write(s.id, pool, pages, t0, t1, quantized=s.quantized, ttl_ms=self._ttl_ms(s),
+                              first=not s.entries)
 
     def _commit(self, s: _Session, entries: list[dict], tokens: int) -> None:
         """Write the manifest listing every committed value (the commit marker), then record it."""
-        keys = KeySpace(self.fingerprint, s.id, self.namespace)
-        all_entries = s.entries + entries
-        header = {"kind": "manifest", "fingerprint": self.fingerprint, "session": s.id, "namespace": self.namespace,
-                  "dtype": dtype_name(s.dtype), "shape": [*s.shape[:2], tokens, s.shape[3]], "meta": s.meta,
-                  "encoding": s.encoding, "retention": s.retention, "persist": s.persist, "values": all_entries}
-        buf = bytearray(encoded_size(header, []))
-        encode_into(memoryview(buf), header, [])
-        self.redis.set_small(keys.manifest, bytes(buf), self._ttl_ms(s), "writing a manifest")
+        g = self.geometry
+        values = s.entries + entries
+        self.rkv.commit(s.id, Manifest(g.dtype, (g.layers, tokens, g.kv_heads, g.head_dim), s.meta, s.encoding,
+                                       s.retention, s.persist, values), self._ttl_ms(s))
         added = sum(e["nbytes"] for e in entries)
-        s.entries, s.redis_tokens = all_entries, tokens
+        s.entries, s.redis_tokens = values, tokens
         s.wt_pending = s.persist == "write_through" and tokens < s.tokens
         s.redis_bytes += added
-        self._used["redis"] += added
+        self._redis_used += added
 
-    def _read_manifest(self, keys: KeySpace, *, missing_ok: bool) -> dict | None:
-        raw = self.redis.get_small(keys.manifest, "reading a manifest")
-        if raw is None:
-            if missing_ok:
-                return None
-            if self.redis.get_small(keys.begin, "checking a session"):
-                raise KVDataLossError(
-                    f"session {keys.session!r} on {keys.namespace} is lost: its chunks were written but its "
-                    "manifest (the commit marker) is missing; delete it and create the session again")
-            raise KVNotFoundError(f"session {keys.session!r} of model {keys.fingerprint} is not in Redis "
-                                  f"for {keys.namespace} (never persisted, deleted, or expired)")
-        header, _ = decode(raw, keys.manifest, {"kind": "manifest", "fingerprint": keys.fingerprint,
-                                                "session": keys.session, "namespace": keys.namespace})
-        return header
-
-    def _read_redis(self, s: _Session, dst: KVShard) -> None:
-        """Fill dst from Redis, verifying the manifest and every value; the session is lost on failure."""
-        keys = KeySpace(self.fingerprint, s.id, self.namespace)
+    def _read_redis(self, s: _Session, pool: PagePool, pages: list[int]) -> None:
+        """Fill pages from Redis, verifying the manifest and every value; the session is lost on failure."""
         try:
-            h = self._read_manifest(keys, missing_ok=False)
+            m = self.rkv.manifest(s.id, missing_ok=False)
         except KVNotFoundError as e:  # we committed it, so a missing manifest means lost data
             raise self._lost(s, f"its Redis manifest is missing ({e})") from None
         except KVDataLossError as e:
             raise self._lost(s, str(e)) from None
-        if h["values"] != s.entries or h["shape"][2] != s.tokens:
+        if m.values != s.entries or m.tokens != s.tokens:
             raise self._lost(s, "its Redis manifest does not match what this store committed")
-        if s.quantized:
-            from ringserve.kernels.quant import dequantize_kv
-        base = {"fingerprint": self.fingerprint, "session": s.id, "namespace": self.namespace,
-                "dtype": dtype_name(s.dtype), "encoding": s.encoding}
-        covered = 0
-        for e, value in self.redis.read_values(s.entries):
-            if value is None:
-                raise self._lost(s, f"its Redis value {e['key']} is missing")
-            try:
-                _, parts = decode(value, e["key"], dict(base, **_entry(e), payload_xxh3=e["payload_xxh3"]))
-            except KVDataLossError as err:
-                raise self._lost(s, str(err)) from None
-            t = slice(e["t0"], e["t1"])
-            if e["kind"] == "pos":
-                self._copy([dst.positions[t]], [parts["positions"]])
-                continue
-            l = slice(e["l0"], e["l1"])
-            if s.quantized:
-                k = dequantize_kv(parts["k_q"].to(self.device), parts["k_scale"].to(self.device), dtype=s.dtype)
-                v = dequantize_kv(parts["v_q"].to(self.device), parts["v_scale"].to(self.device), dtype=s.dtype)
-                self._copy([dst.k[l, :, t], dst.v[l, :, t]], [k, v])
-            else:
-                self._copy([dst.k[l, :, t], dst.v[l, :, t]], [parts["k"], parts["v"]])
-            covered += (e["l1"] - e["l0"]) * (e["t1"] - e["t0"])
-        if covered != s.shape[0] * s.tokens:
-            raise self._lost(s, "its Redis values do not cover every layer and token")
+        try:
+            self.rkv.read(s.id, m, pool, pages)
+        except KVDataLossError as e:
+            raise self._lost(s, str(e)) from None
 
     def _lost(self, s: _Session, reason: str) -> KVDataLossError:
         """Mark s lost (its memory copy, if any, is dropped) and return the error to raise."""
         s.lost, s.moving = reason, None
-        self._counters["lost"] += 1
+        self._lost_count += 1
         self._drop_memory(s)
         return KVDataLossError(f"session {s.id!r} on {self.namespace} is lost: {reason}. It was not loaded; "
-                              "delete it and create the session again")
+                               "delete it and create the session again")
 
     # -- write-through -------------------------------------------------------------------------------
 
     def _queue_write_through(self, s: _Session) -> None:
         s.wt_pending = True
-        self._jobs.put((s, s.data, s.tokens))  # s.data's tensors are never written in place
+        s.pins += 1  # released by the worker: the pages it reads stay where they are
+        self._jobs.put((s, list(s.pages), s.tokens))
 
     def _write_through_loop(self) -> None:
         while True:
@@ -933,21 +663,24 @@ class KVStore:
             try:
                 if job is None:
                     return
-                s, src, tokens = job
-                with self._lock:
-                    t0 = s.redis_tokens
-                    if self._sessions.get(s.id) is not s or t0 >= tokens:
-                        continue
+                s, pages, tokens = job
                 try:
-                    entries = self._write_values(s, src, t0, tokens)  # outside the lock: the slow part
                     with self._lock:
-                        if self._sessions.get(s.id) is s and s.redis_tokens == t0:
+                        t0 = s.redis_tokens
+                        if s.dead or self._sessions.get(s.id) is not s or t0 >= tokens:
+                            continue
+                    entries = self._write_values(s, pages, t0, tokens)  # outside the lock: the slow part
+                    with self._lock:
+                        if not s.dead and self._sessions.get(s.id) is s and s.redis_tokens == t0:
                             self._commit(s, entries, tokens)
                             s.wt_pending = s.tokens > tokens
                 except (KVUnavailableError, KVCapacityError) as e:
                     with self._lock:
                         self._redis_next_try = self.clock() + self.ropts.retry_interval_s
                     log.warning("write-through of %s failed, will retry: %s", s.id, e)
+                finally:
+                    with self._lock:
+                        self._unpin(s)
             except Exception:  # never let the worker die
                 log.exception("write-through worker error")
             finally:
@@ -965,15 +698,16 @@ class KVStore:
         return s
 
     def _candidate(self, s: _Session) -> Candidate:
-        return Candidate(s.id, s.tier, s.nbytes, s.last_access, s.retention)
+        return Candidate(s.id, s.tier, self._nbytes(s), s.last_access, s.retention)
 
     def _candidates(self, tier: str, exclude: _Session | None = None) -> list[Candidate]:
         return [self._candidate(s) for s in self._sessions.values()
-                if s.tier == tier and s is not exclude and not s.lost and not s.moving]
+                if s.tier == tier and s is not exclude and not s.lost and not s.moving and not s.pins]
 
     def _state(self, s: _Session) -> KVState:
+        common = dict(tokens=s.tokens, persisted_tokens=s.redis_tokens, nbytes=self._nbytes(s))
         if s.lost:
-            return KVState("lost", None, reason=s.lost, tokens=s.tokens, persisted_tokens=s.redis_tokens)
+            return KVState("lost", None, reason=s.lost, **common)
         if s.moving:
-            return KVState("moving", s.moving[0], s.moving[1], tokens=s.tokens, persisted_tokens=s.redis_tokens)
-        return KVState("resident", s.tier, tokens=s.tokens, persisted_tokens=s.redis_tokens)
+            return KVState("moving", s.moving[0], s.moving[1], **common)
+        return KVState("resident", s.tier, **common)

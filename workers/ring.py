@@ -1,201 +1,117 @@
-"""Sequence parallelism: which rank holds which tokens, ring-attention prefill, and SP decode.
+"""Sequence-parallel attention: ring attention for prefill chunks, pass-Q for short prompts and decode.
 
 Pure functions and one small communication object (`RingComm`); the process group is always an
-argument, never a global. Shapes: T tokens, H query heads, Hkv KV heads, D head dim, P ranks.
+argument, never a global. Shapes: T tokens, H query heads, Hkv KV heads, D head dim, P ranks. Which
+rank holds which positions is `layout.ShardLayout`; every rank keeps its tokens in pages
+(`kvpages.KVView`), in position order.
 
-How a session's tokens are spread over the P ranks of a group (`ShardLayout`):
-  * a prefill chunk of n tokens is cut into 2P near-equal pieces and rank r holds pieces r and
-    2P-1-r ("zigzag"), so every rank does the same causal work;
-  * tokens added a few at a time (a question, generated tokens) go to ranks round-robin in blocks of
-    `block` tokens, so shards stay balanced as a conversation grows.
-Every rank stores its tokens in position order, so for any query the keys it sees entirely form a
-prefix of the rank's storage, and only the blocks that straddle the diagonal need a causal mask.
+A prefill chunk of a create or a long append (`mode == "ring"`):
+  * pass-KV over the chunk (`ring_attention`): each rank computes Q/K/V only for its zigzag share of
+    the chunk; the chunk's K/V shards travel the ring with batched isend/irecv, the transfer for
+    step s+1 posted before step s's attention runs (double buffering);
+  * the chunk's queries against the retained context (`context_attention`): the context is spread
+    over the ranks and every context position precedes the chunk, so the chunk's queries are
+    all-gathered, each rank attends all of them over its own pages in place (no mask, no copy of the
+    context), and one all-to-all returns the partial (out, lse) to the queries' owners.
+The two partials merge by LSE. Only the chunk's K/V ever travel, so a create of N tokens moves
+O(N) bytes per rank and layer, not O(N^2 / chunk).
 
-Two ways of computing attention for new tokens:
-  * pass-KV (`ring_attention`): each rank computes Q/K/V only for its own share of the new tokens;
-    K/V shards travel the ring with batched isend/irecv, the transfer for step s+1 posted before
-    step s's attention runs (double buffering). Used for prefill chunks.
-  * pass-Q (`replicated_attention`): every rank runs the (cheap, replicated) projections for all
-    new tokens, attends them over its own shard, and one all-gather per layer merges the partial
-    (out, lse). Used for decode and for short appends against a long context.
-`choose_mode` picks between them by the bytes each would move.
+A short prompt or a decode step (`mode == "replicated"`, pass-Q, `replicated_attention`): every rank
+runs the (cheap, replicated) projections for all new tokens, stores the rows it owns in its pages,
+attends all new queries over its pages (query t sees the stored keys at positions <= its own: a
+per-query length), and one all-gather per layer merges the partial (out, lse) in rank order.
+
+`choose_mode` picks between them by the bytes each would move, for the whole call's new tokens.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import time
-from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
-from ringserve.kernels import MAX_QUERY_TOKENS, decode_attention, flash_attention, merge_attention
+from ringserve.kernels import (MAX_QUERY_TOKENS, decode_attention, flash_attention, merge_attention,
+                               merge_attention_stack, paged_attention)
 
-Segment = tuple[int, int]  # (first position, length)
-
-
-# ------------------------------------------------------------------------------------------ layout
-
-
-def split_even(n: int, parts: int) -> list[int]:
-    """Sizes of `parts` consecutive pieces of n items, the first n % parts one larger."""
-    q, r = divmod(n, parts)
-    return [q + (i < r) for i in range(parts)]
-
-
-def zigzag_segments(start: int, n: int, P: int) -> list[list[Segment]]:
-    """Per rank, the segments of a zigzag-sharded chunk of positions start..start+n-1."""
-    sizes = split_even(n, 2 * P)
-    bounds = [start]
-    for s in sizes:
-        bounds.append(bounds[-1] + s)
-    out = []
-    for r in range(P):
-        segs = [(bounds[i], sizes[i]) for i in (r, 2 * P - 1 - r) if sizes[i] > 0]
-        out.append(merge_segments(segs))  # P = 1: the two pieces touch
-    return out
-
-
-def merge_segments(segs: list[Segment]) -> list[Segment]:
-    """Coalesce touching segments (input sorted by position)."""
-    out: list[Segment] = []
-    for p, n in segs:
-        if n == 0:
-            continue
-        if out and out[-1][0] + out[-1][1] == p:
-            out[-1] = (out[-1][0], out[-1][1] + n)
-        else:
-            out.append((p, n))
-    return out
-
-
-@dataclass
-class _Region:
-    start: int
-    end: int
-    kind: str  # "zigzag" or "blocks"
-    first_owner: int = 0  # blocks: the rank that holds the region's first block
-
-
-@dataclass
-class ShardLayout:
-    """Which rank holds which positions of one session; identical on every rank of a group."""
-
-    P: int
-    block: int = 256
-    regions: list[_Region] = field(default_factory=list)
-
-    @property
-    def length(self) -> int:
-        return self.regions[-1].end if self.regions else 0
-
-    def add_zigzag(self, n: int) -> list[list[Segment]]:
-        """Append a prefill chunk of n tokens; returns each rank's new segments."""
-        s = self.length
-        self.regions.append(_Region(s, s + n, "zigzag"))
-        return zigzag_segments(s, n, self.P)
-
-    def add_blocks(self, n: int) -> list[list[Segment]]:
-        """Append n tokens round-robin by block; returns each rank's new segments."""
-        s = self.length
-        last = self.regions[-1] if self.regions else None
-        if last is not None and last.kind == "blocks":
-            last.end += n
-            reg = last
-        else:
-            counts = [sum(n for _, n in self.segments(r)) for r in range(self.P)]
-            reg = _Region(s, s + n, "blocks", first_owner=min(range(self.P), key=lambda r: (counts[r], r)))
-            self.regions.append(reg)
-        return [self._block_segments(reg, r, s, s + n) for r in range(self.P)]
-
-    def _block_segments(self, reg: _Region, rank: int, lo: int, hi: int) -> list[Segment]:
-        segs = []
-        b0 = (lo - reg.start) // self.block
-        b1 = (hi - 1 - reg.start) // self.block if hi > lo else b0 - 1
-        for b in range(b0, b1 + 1):
-            if (b + reg.first_owner) % self.P != rank:
-                continue
-            p0 = max(lo, reg.start + b * self.block)
-            p1 = min(hi, reg.start + (b + 1) * self.block)
-            if p1 > p0:
-                segs.append((p0, p1 - p0))
-        return segs
-
-    def segments(self, rank: int) -> list[Segment]:
-        """All positions rank holds, in storage (= position) order, coalesced."""
-        segs: list[Segment] = []
-        for reg in self.regions:
-            if reg.kind == "zigzag":
-                segs += zigzag_segments(reg.start, reg.end - reg.start, self.P)[rank]
-            else:
-                segs += self._block_segments(reg, rank, reg.start, reg.end)
-        return merge_segments(segs)
-
-    def owner(self, pos: int) -> int:
-        for reg in self.regions:
-            if reg.start <= pos < reg.end:
-                if reg.kind == "blocks":
-                    return ((pos - reg.start) // self.block + reg.first_owner) % self.P
-                return next(r for r, segs in enumerate(zigzag_segments(reg.start, reg.end - reg.start, self.P))
-                            if any(p <= pos < p + n for p, n in segs))
-        raise IndexError(f"position {pos} is beyond the session's {self.length} tokens")
-
-    def to_dict(self) -> dict:
-        return {"P": self.P, "block": self.block,
-                "regions": [[r.start, r.end, r.kind, r.first_owner] for r in self.regions]}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ShardLayout":
-        return cls(d["P"], d["block"], [_Region(*r) for r in d["regions"]])
-
-
-def positions_of(segs: list[Segment], device=None) -> torch.Tensor:
-    """(T,) int64 positions covered by `segs`, in order."""
-    if not segs:
-        return torch.empty(0, dtype=torch.long, device=device)
-    return torch.cat([torch.arange(p, p + n, device=device) for p, n in segs])
-
+from .kvpages import KVView
+from .layout import Segment
 
 # --------------------------------------------------------------------------------- local attention
 
 
-def _attn(q, k, v, *, causal: bool, q_start: int, k_start: int, scale: float, backend: str = "auto"):
-    """(out fp32 (Tq, H, D), lse (Tq, H)) of q over k/v with the position-offset causal mask.
-
-    On CUDA this is `kernels.flash_attention`; on the CPU, PyTorch's fused CPU flash-attention op,
-    which returns the LSE too (much faster than the plain reference for long prompts).
-    """
-    if q.device.type != "cpu":
-        if not causal and q.shape[0] <= MAX_QUERY_TOKENS and backend == "auto":  # decode: split-KV kernel
-            return decode_attention(q, k, v, scale=scale, out_dtype=torch.float32)
-        return flash_attention(q, k, v, causal=causal, q_start=q_start, k_start=k_start, scale=scale,
-                               out_dtype=torch.float32, backend=backend)
+def _cpu_attention(q, k, v, visible: torch.Tensor | None, scale: float):
+    """(out fp32 (Tq, H, D), lse (Tq, H)) on the CPU with PyTorch's fused flash-attention op, which
+    returns the LSE too. visible (Tq, Tk) bool, or None for no mask; rows that see no key get 0, -inf."""
     Tq, H, D = q.shape
-    Tk, Hkv, _ = k.shape
+    Hkv = k.shape[1]
     rep = H // Hkv
     qb = q.transpose(0, 1).unsqueeze(0)  # (1, H, Tq, D)
     kb = (k.repeat_interleave(rep, 1) if rep > 1 else k).transpose(0, 1).unsqueeze(0)  # (1, H, Tk, D)
     vb = (v.repeat_interleave(rep, 1) if rep > 1 else v).transpose(0, 1).unsqueeze(0)
-    mask = None
-    empty_rows = None
-    if causal:
-        diag = q_start - k_start  # query i sees key j when j <= i + diag
-        if diag < Tk - 1:  # some key is masked for some query
-            qi = torch.arange(Tq)[:, None]
-            kj = torch.arange(Tk)[None, :]
-            visible = kj <= qi + diag
-            mask = torch.zeros(Tq, Tk, dtype=q.dtype).masked_fill_(~visible, float("-inf"))
-            if diag < 0:
-                empty_rows = (torch.arange(Tq) + diag) < 0  # rows that see no key at all
-                mask[empty_rows] = 0.0  # keep the op finite; fixed up below
+    mask = empty_rows = None
+    if visible is not None:
+        mask = torch.zeros(visible.shape, dtype=q.dtype).masked_fill_(~visible, float("-inf"))
+        empty_rows = ~visible.any(1)
+        if bool(empty_rows.any()):
+            mask[empty_rows] = 0.0  # keep the op finite; fixed up below
+        else:
+            empty_rows = None
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qb, kb, vb, 0.0, False,
                                                                            attn_mask=mask, scale=scale)
     out = out[0].transpose(0, 1).float()  # (Tq, H, D)
     lse = lse[0].transpose(0, 1).float()  # (Tq, H)
-    if empty_rows is not None and bool(empty_rows.any()):
+    if empty_rows is not None:
         out[empty_rows] = 0.0
         lse[empty_rows] = float("-inf")
+    return out, lse
+
+
+def _attn(q, k, v, *, causal: bool, q_start: int, k_start: int, scale: float, backend: str = "auto"):
+    """(out fp32 (Tq, H, D), lse (Tq, H)) of q over contiguous k/v with the position-offset causal mask.
+
+    On CUDA this is `kernels.flash_attention`; on the CPU, PyTorch's fused CPU flash-attention op.
+    """
+    if q.device.type != "cpu":
+        if not causal and q.shape[0] <= MAX_QUERY_TOKENS and backend == "auto":  # few queries: split-KV kernel
+            return decode_attention(q, k, v, scale=scale, out_dtype=torch.float32)
+        return flash_attention(q, k, v, causal=causal, q_start=q_start, k_start=k_start, scale=scale,
+                               out_dtype=torch.float32, backend=backend)
+    visible = None
+    if causal:
+        diag = q_start - k_start  # query i sees key j when j <= i + diag
+        if diag < k.shape[0] - 1:  # some key is masked for some query
+            visible = torch.arange(k.shape[0])[None, :] <= torch.arange(q.shape[0])[:, None] + diag
+    return _cpu_attention(q, k, v, visible, scale)
+
+
+def attend_paged(q: torch.Tensor, kv: KVView, layer: int, kv_len: int | torch.Tensor, scale: float,
+                 backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """q (Tq, H, D) over one layer of a session's pages, in place: query t sees storage slots
+    [0, kv_len[t]) (an int: every query the same). Returns (out fp32 (Tq, H, D), lse (Tq, H)).
+
+    On CUDA (or with backend="triton", e.g. under the CPU interpreter) this is one call of the paged
+    kernel (`kernels.paged_attention`). On the CPU it attends each run of consecutive pages as one
+    contiguous view with PyTorch's fused op and merges the runs by LSE: no gather, no copy.
+    """
+    Tq, H, D = q.shape
+    per_query = isinstance(kv_len, torch.Tensor)
+    hi = int(kv_len.max()) if per_query and Tq else (0 if per_query else int(kv_len))
+    if q.device.type != "cpu" or backend == "triton":
+        lens = (kv_len if per_query else torch.full((Tq,), hi)).to(device=q.device, dtype=torch.int32).view(1, Tq)
+        kp, vp = kv.layer(layer)
+        out, lse = paged_attention(q.unsqueeze(0), kp, vp, kv.table(), lens, max_len=hi, scale=scale,
+                                   out_dtype=torch.float32, backend="triton" if backend == "triton" else "auto")
+        return out[0], lse[0]
+    out = torch.zeros(Tq, H, D, dtype=torch.float32)
+    lse = torch.full((Tq, H), float("-inf"), dtype=torch.float32)
+    for off, k, v in kv.layer_runs(layer, hi):
+        visible = None
+        if per_query and int(kv_len.min()) < off + k.shape[0]:  # some query stops inside this run
+            visible = (off + torch.arange(k.shape[0]))[None, :] < kv_len[:, None]
+        o, l = _cpu_attention(q, k, v, visible, scale)
+        merge_attention(out, lse, o, l)
     return out, lse
 
 
@@ -285,14 +201,16 @@ class RingComm:
 # --------------------------------------------------------------------------------- attention modes
 
 
-def ring_attention(comm: RingComm, q: torch.Tensor, q_segs: list[Segment], k: torch.Tensor, v: torch.Tensor,
-                   segs_by_rank: list[list[Segment]], scale: float, *, overlap: bool = True,
+def ring_attention(comm: RingComm | None, q: torch.Tensor, q_segs: list[Segment], k: torch.Tensor,
+                   v: torch.Tensor, segs_by_rank: list[list[Segment]], scale: float, *, overlap: bool = True,
                    backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """Pass-KV ring attention. q (Tq, H, D) with positions q_segs; k/v (Tk, Hkv, D): this rank's
-    whole shard (earlier context and the new chunk), whose positions are segs_by_rank[rank].
-    K and V travel as one buffer; shard sizes come from the layout, so receives are sized exactly.
+    """Pass-KV ring attention within one prefill chunk. q (Tq, H, D) with positions q_segs; k/v
+    (Tk, Hkv, D): this rank's share of the chunk, whose positions are segs_by_rank[rank]. K and V
+    travel as one buffer; share sizes come from the layout, so receives are sized exactly.
     overlap=False waits for each transfer before computing (to measure what overlap hides).
-    Returns (out fp32 (Tq, H, D), lse (Tq, H))."""
+    comm=None: one rank, the chunk's causal attention alone. Returns (out fp32 (Tq, H, D), lse (Tq, H))."""
+    if comm is None:
+        return attend_segments(q, q_segs, k, v, segs_by_rank[0], scale, backend)
     P, rank = comm.world, comm.rank
     Hkv, D = k.shape[1], k.shape[2]
     sizes = [sum(n for _, n in s) for s in segs_by_rank]
@@ -317,14 +235,42 @@ def ring_attention(comm: RingComm, q: torch.Tensor, q_segs: list[Segment], k: to
     return out, lse
 
 
-def replicated_attention(group, q: torch.Tensor, q_start: int, k: torch.Tensor, v: torch.Tensor,
-                         k_segs: list[Segment], scale: float) -> torch.Tensor:
-    """Pass-Q / SP decode: every rank holds the same q (T, H, D) for positions q_start..q_start+T-1,
-    attends it over its own shard k/v, and one all-gather merges the partial (out, lse) in rank
-    order (so every rank computes bit-identical outputs). Returns out fp32 (T, H, D)."""
-    T, H, D = q.shape
-    o, l = attend_segments(q, [(q_start, T)], k, v, k_segs, scale)
+def context_attention(group, q: torch.Tensor, rows_by_rank: list[int], kv: KVView, layer: int, context: int,
+                      scale: float, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """A prefill chunk's queries against the session's retained context, which every rank holds a
+    share of (`context` storage slots here) and which precedes the chunk entirely (no mask).
+
+    q (n, H, D): this rank's chunk queries; rows_by_rank: every rank's n. The queries are all-gathered
+    (padded to the longest share), attended over this rank's pages in place, and one all-to-all sends
+    each partial (out, lse) back to the rank owning the query; the P partials merge by LSE.
+    group=None: one rank. Returns (out fp32 (n, H, D), lse (n, H)).
+    """
+    if group is None or dist.get_world_size(group) == 1:
+        return attend_paged(q, kv, layer, context, scale, backend)
     P = dist.get_world_size(group)
+    n, H, D = q.shape
+    m = max(rows_by_rank)
+    mine = q.new_zeros(m, H, D)
+    mine[:n] = q
+    q_all = q.new_empty(P * m, H, D)
+    dist.all_gather_into_tensor(q_all, mine, group=group)
+    o, l = attend_paged(q_all, kv, layer, context, scale, backend)  # (P*m, H, D), (P*m, H)
+    packed = torch.cat([o, l.unsqueeze(-1)], dim=-1)  # (P*m, H, D+1): rows grouped by owner rank
+    back = torch.empty_like(packed)
+    dist.all_to_all_single(back, packed, group=group)  # back[j*m:(j+1)*m]: rank j's partial for my queries
+    back = back.view(P, m, H, D + 1)[:, :n]
+    return merge_attention_stack(back[..., :D], back[..., D].contiguous(), out_dtype=torch.float32)
+
+
+def replicated_attention(group, q: torch.Tensor, kv: KVView, layer: int, kv_len: torch.Tensor, scale: float,
+                         backend: str = "auto") -> torch.Tensor:
+    """Pass-Q / SP decode: every rank holds the same q (T, H, D) of the new tokens, attends it over its
+    own pages (query t sees storage slots [0, kv_len[t]): the stored keys at positions <= its own),
+    and one all-gather merges the partial (out, lse) in rank order (so every rank computes
+    bit-identical outputs). Returns out fp32 (T, H, D)."""
+    T, H, D = q.shape
+    o, l = attend_paged(q, kv, layer, kv_len, scale, backend)
+    P = dist.get_world_size(group) if group is not None else 1
     if P == 1:
         return o
     packed = torch.cat([o, l.unsqueeze(-1)], dim=-1)  # (T, H, D+1): one collective per layer
@@ -336,16 +282,19 @@ def replicated_attention(group, q: torch.Tensor, q_start: int, k: torch.Tensor, 
     return out
 
 
-def choose_mode(n_new: int, n_context: int, H: int, Hkv: int) -> str:
-    """'ring' (pass-KV) or 'replicated' (pass-Q) for n_new tokens after n_context cached ones.
+PASS_Q_MAX_TOKENS = 4096  # a call longer than this always prefills with the ring
+PASS_Q_MAX_SHARE = 1 / 16  # ... and so does one that is more than this share of the retained context
 
-    Pass-KV moves every rank's K/V shard around the ring: ~ (n_context + n_new) * 2 * Hkv values
-    per layer. Pass-Q moves the partial outputs and LSE of the new tokens: ~ n_new * (H + H/D) values
-    per rank, gathered from P ranks, and computes the projections of all new tokens on every rank,
-    so it is chosen only while the new tokens are few (the Meta context-parallelism heuristic).
+
+def choose_mode(n_new: int, n_context: int) -> str:
+    """'ring' (pass-KV chunks) or 'replicated' (pass-Q) for a call adding n_new tokens after n_context.
+
+    Decided once for the whole call (never per chunk). Pass-Q computes the projections and MLP of
+    every new token on every rank and needs one collective per layer; the ring splits that work P
+    ways at the cost of P - 1 transfers and two collectives per layer. So pass-Q only for what it is
+    for: a short prompt (a question, a short append) against a long retained context — a few percent
+    of it, as in Meta's context-parallel inference — and the ring for everything else.
     """
     if n_context == 0:
         return "ring"
-    kv_bytes = (n_context + n_new) * 2 * Hkv
-    q_bytes = n_new * H * 4  # fp32 partials vs bf16 K/V, and replicated projections
-    return "replicated" if q_bytes < kv_bytes and n_new <= 4096 else "ring"
+    return "replicated" if n_new <= min(PASS_Q_MAX_TOKENS, n_context * PASS_Q_MAX_SHARE) else "ring"

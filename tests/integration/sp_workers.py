@@ -23,4 +23,5 @@ def prefill_and_generate(rank, world, model_spec, ids, n_tokens, chunk, question
     eng.prefill("s2", ids, progress=lambda d, t: progress.append((d, t)))
     greedy = list(eng.generate("s2", question, SamplingParams(max_tokens=n_tokens), stop_ids=frozenset()))
     return {"max_rows": max(rows_seen), "logits": full, "greedy": greedy, "progress": progress,
-            "local_tokens": eng.sessions["s2"].cache.length, "session_len": eng.sessions["s2"].length}
+            "local_tokens": eng.store.state("s2").tokens, "session_len": eng.length("s2"),
+            "modes": [m.mode for m in eng.modes]}

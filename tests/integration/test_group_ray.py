@@ -4,9 +4,9 @@ import time
 
 import pytest
 
-from helpers import TEXT, make_tiny_llama
-from ringserve.workers.engine import Engine, PromptError, SessionError
+from helpers import TEXT, make_tiny_llama, model_greedy
 from ringserve.workers.loader import load_model
+from ringserve.workers.protocol import ContextLimitError, SessionError
 from ringserve.workers.sampling import SamplingParams
 
 ray = pytest.importorskip("ray")
@@ -38,16 +38,19 @@ def test_group_generates_same_tokens_as_single_device(ray_local):
     tok = loaded.tokenizer
     ids = tok.encode_chat([{"role": "user", "content": TEXT[:300] + "\n\nWhat do the devices pass around?"}])
     context, question = ids[:-9], ids[-9:]
-    ref = list(Engine(loaded).generate(ids, SamplingParams(max_tokens=32), stop_ids=frozenset()))
+    ref = model_greedy(loaded, ids, 32)  # no stop ids: the reference runs past the end-of-turn token
+    stop = loaded.tokenizer.stop_ids
     g = make_group("default")
     try:
-        info = g.prefill("s", context)
-        assert info["length"] == len(context) and info["progress"][-1] == (len(context), len(context))
+        events = list(g.create("s", context, progress_every=1))
+        info = events[-1]
+        assert info.length == len(context) and events[-2].done == events[-2].total == len(context)
         out = list(g.generate("s", question, SamplingParams(max_tokens=32)))
-        assert out == ref[:len(out)] and len(out) > 0  # stops at the model's own end-of-turn token
+        n = next((i for i, t in enumerate(ref) if t in stop), len(ref))  # an end-of-turn token ends it
+        assert n > 0 and out == ref[:n]
         again = list(g.generate("s", question, SamplingParams(max_tokens=32)))
         assert again == out  # the turn was not retained: the session is as it was
-        sizes = [s["s"]["local_tokens"] for s in g.sessions()]
+        sizes = g.sessions()["s"].local_tokens
         assert sum(sizes) == len(context) and abs(sizes[0] - sizes[1]) <= 1
     finally:
         g.shutdown()
@@ -61,11 +64,11 @@ def test_bad_requests_get_clear_errors_and_the_group_keeps_serving(ray_local, ti
         g.prefill("a", ids[:30])
         with pytest.raises(SessionError, match="session 'nope' is not held by this group"):
             list(g.generate("nope", ids[:3]))
-        with pytest.raises(PromptError, match="configured for at most 64"):
+        with pytest.raises(ContextLimitError, match="exceed the limit of 64 tokens"):
             g.prefill("b", ids[:100])
         assert g.healthy
         assert len(list(g.generate("a", ids[30:33], SamplingParams(max_tokens=5), retain=True))) == 5
-        assert all(set(s) == {"a"} for s in g.sessions())  # the failed session left nothing behind
+        assert set(g.sessions()) == {"a"}  # the failed session left nothing behind
     finally:
         g.shutdown()
 
@@ -101,7 +104,7 @@ def test_write_through_session_survives_the_loss_of_its_whole_group(ray_local, t
     context, turn, question = ids[:50], ids[50:57], ids[57:61]
     params = SamplingParams(max_tokens=12)
 
-    ref = make_group(tiny_dir)  # the uninterrupted run, no tiers
+    ref = make_group(tiny_dir)  # the uninterrupted run, device tier only
     try:
         ref.prefill("s", context)
         first = list(ref.generate("s", turn, params, retain=True))
@@ -113,7 +116,7 @@ def test_write_through_session_survives_the_loss_of_its_whole_group(ray_local, t
     b = None
     try:
         info = a.prefill("s", context, persist="write_through", ttl_s=600)
-        assert info["tier"] == "device" and info["length"] == len(context)
+        assert info.tier.value == "device" and info.length == len(context)
         assert list(a.generate("s", turn, params, retain=True)) == first
         a.flush()
         for r in a.ranks:
@@ -122,7 +125,7 @@ def test_write_through_session_survives_the_loss_of_its_whole_group(ray_local, t
             b = make_group(tiny_dir, **kv)
             list(b.generate("s", question, params))
         restored = b.restore("s")
-        assert restored["length"] == len(context) + len(turn) + len(first)  # the retained turn came back too
+        assert restored.length == len(context) + len(turn) + len(first)  # the retained turn came back too
         assert list(b.generate("s", question, params)) == expected
     finally:
         a.shutdown()

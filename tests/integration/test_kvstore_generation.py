@@ -1,4 +1,4 @@
-"""Generation continues bit-for-bit after the KV went through the tiers, and after its group died."""
+"""A paged session answers bit-for-bit the same after its KV went through every tier, and after its group died."""
 
 from __future__ import annotations
 
@@ -12,101 +12,103 @@ import pytest
 import torch
 
 from helpers import make_tiny_llama
-from ringserve.workers.engine import Engine
-from ringserve.workers.kvstore import KVShard, KVStore, TierCapacity
+from ringserve.workers.engine import ShardEngine
+from ringserve.workers.kvpages import PageGeometry
+from ringserve.workers.kvstore import KVStore, TierCapacity
 from ringserve.workers.loader import load_model
+from ringserve.workers.sampling import SamplingParams
 
-PROMPT_LEN, SPLIT, TOTAL = 40, 4, 10  # greedy TOTAL tokens; the interrupted run stops after SPLIT of them
+PROMPT_LEN, TURN, ANSWER = 40, 6, 10
+BLOCK = 8
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-llama")
     make_tiny_llama(path, layers=3)
-    loaded = load_model(path)
-    return path, loaded, Engine(loaded)
+    return path, load_model(path)
 
 
-def prompt(engine) -> list[int]:
+def tokens(loaded) -> tuple[list[int], list[int], list[int]]:
+    """A context, a question whose answer is retained, and a second question."""
     g = torch.Generator().manual_seed(7)
-    return torch.randint(3, engine.cfg.vocab_size, (PROMPT_LEN,), generator=g).tolist()
+    ids = torch.randint(3, loaded.config.vocab_size, (PROMPT_LEN + 2 * TURN,), generator=g).tolist()
+    return ids[:PROMPT_LEN], ids[PROMPT_LEN:PROMPT_LEN + TURN], ids[PROMPT_LEN + TURN:]
 
 
-def greedy(engine, cache, logits, n: int) -> tuple[list[int], torch.Tensor]:
-    """n greedy tokens; each is fed back except the last, whose logits come back with it."""
-    out = []
-    for i in range(n):
-        out.append(int(torch.argmax(logits.reshape(-1))))
-        if i + 1 < n:
-            logits = engine.forward(cache, [out[-1]])
-    return out, logits
+def store_for(loaded, url, ns="g0-r0") -> KVStore:
+    m = loaded.config
+    geo = PageGeometry(m.n_layers, m.n_kv_heads, m.head_dim, BLOCK, torch.float32)
+    return KVStore(ns, loaded.fingerprint, geo, TierCapacity(device=1 << 20, host=1 << 20), redis_url=url,
+                   chunk_bytes=8192)
 
 
-def uninterrupted(engine) -> list[int]:
-    cache = engine.new_cache(PROMPT_LEN + TOTAL)
-    toks, _ = greedy(engine, cache, engine.forward(cache, prompt(engine)), TOTAL)
-    return toks
+def converse(eng: ShardEngine, sid: str, context, turn, *, persist="on_demote") -> list[int]:
+    """Create the session and keep one answered turn in it; returns the turn's answer."""
+    eng.prefill(sid, context, persist=persist, ttl_s=600)
+    params = SamplingParams(max_tokens=ANSWER)
+    return list(eng.generate(sid, turn, params, retain=True, stop_ids=frozenset()))
 
 
-def continue_from(engine, shard: KVShard, last_token: int) -> list[int]:
-    """Load a shard into a fresh cache, feed the pending token, and greedy the rest."""
-    cache = engine.new_cache(shard.num_tokens + TOTAL)
-    shard.into_cache(cache)
-    toks, _ = greedy(engine, cache, engine.forward(cache, [last_token]), TOTAL - SPLIT)
-    return toks
+def ask(eng: ShardEngine, sid: str, question) -> list[int]:
+    return list(eng.generate(sid, question, SamplingParams(max_tokens=ANSWER), stop_ids=frozenset()))
 
 
-def test_generation_after_round_trip_through_every_tier(tiny, redis_url):
-    _, loaded, engine = tiny
-    expected = uninterrupted(engine)
-    cache = engine.new_cache(PROMPT_LEN + TOTAL)
-    first, _ = greedy(engine, cache, engine.forward(cache, prompt(engine)), SPLIT)
-    assert first == expected[:SPLIT]
-    snap = KVShard.from_cache(cache)  # prompt + the SPLIT - 1 tokens fed back
-    store = KVStore("g0-r0", loaded.fingerprint, TierCapacity(device=1 << 20, host=1 << 20), redis_url=redis_url,
-                    chunk_bytes=8192)
-    store.put("gen", snap)
-    assert store.demote("gen").tier == "host"
-    assert store.demote("gen").tier == "redis"
-    back = store.get("gen")
-    assert torch.equal(back.k, snap.k) and torch.equal(back.v, snap.v) and torch.equal(back.positions, snap.positions)
-    assert first + continue_from(engine, back, first[-1]) == expected
-    store.close()
+def test_answers_after_a_round_trip_through_every_tier(tiny, redis_url):
+    _, loaded = tiny
+    context, turn, question = tokens(loaded)
+    ref = ShardEngine(loaded, block=BLOCK)  # device tier only, never moved
+    ref_turn = converse(ref, "s", context, turn)
+    expected = ask(ref, "s", question)
+
+    eng = ShardEngine(loaded, store=store_for(loaded, redis_url), block=BLOCK)
+    assert converse(eng, "gen", context, turn) == ref_turn
+    snap = eng.store.read("gen")
+    assert torch.equal(snap[0], ref.store.read("s")[0])  # the same KV, built the same way
+    assert eng.store.demote("gen").tier == "host"
+    assert eng.store.demote("gen").tier == "redis"
+    back = eng.store.read("gen")  # promoted into fresh device pages
+    assert eng.store.state("gen").tier == "device"
+    assert torch.equal(back[0], snap[0]) and torch.equal(back[1], snap[1])
+    eng.store.demote("gen", "redis")
+    assert ask(eng, "gen", question) == expected  # a Generate promotes it itself
+    assert eng.store.state("gen").tier == "device"
+    eng.store.close()
 
 
 CHILD = textwrap.dedent("""
     import json, sys, time
     import torch
-    from ringserve.workers.engine import Engine
-    from ringserve.workers.kvstore import KVShard, KVStore, TierCapacity
+    from ringserve.workers.engine import ShardEngine
+    from ringserve.workers.kvpages import PageGeometry
+    from ringserve.workers.kvstore import KVStore, TierCapacity
     from ringserve.workers.loader import load_model
+    from ringserve.workers.sampling import SamplingParams
 
-    path, url, ids, split = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
-    engine = Engine(load_model(path))
-    store = KVStore("group1-rank0", engine.loaded.fingerprint, TierCapacity(device=1 << 20, host=1 << 20),
-                    redis_url=url, chunk_bytes=8192)
-    cache = engine.new_cache(len(ids) + 16)
-    logits = engine.forward(cache, ids)                     # prefill: written through
-    store.put("survivor", KVShard.from_cache(cache), persist="write_through", expire_at=time.monotonic() + 600)
-    toks = []
-    for i in range(split):                                  # a turn: appended, written through again
-        toks.append(int(torch.argmax(logits.reshape(-1))))
-        if i + 1 < split:
-            start = cache.length
-            logits = engine.forward(cache, [toks[-1]])
-            store.append("survivor", KVShard.from_cache(cache, start=start))
+    path, url, context, turn = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4])
+    loaded = load_model(path)
+    m = loaded.config
+    store = KVStore("group1-rank0", loaded.fingerprint, PageGeometry(m.n_layers, m.n_kv_heads, m.head_dim, 8,
+                    torch.float32), TierCapacity(device=1 << 20, host=1 << 20), redis_url=url, chunk_bytes=8192)
+    eng = ShardEngine(loaded, store=store, block=8)
+    eng.prefill("survivor", context, persist="write_through", ttl_s=600)   # written through
+    toks = list(eng.generate("survivor", turn, SamplingParams(max_tokens=10), retain=True,
+                             stop_ids=frozenset()))                        # the turn: written through again
     store.flush()
     print(json.dumps(toks), flush=True)
-    time.sleep(600)                                         # the group is alive until it is killed
+    time.sleep(600)                                                        # alive until it is killed
 """)
 
 
 def test_write_through_session_survives_the_loss_of_its_group(tiny, redis_url):
-    path, loaded, engine = tiny
-    expected = uninterrupted(engine)
+    path, loaded = tiny
+    context, turn, question = tokens(loaded)
+    ref = ShardEngine(loaded, block=BLOCK)
+    ref_turn = converse(ref, "s", context, turn)
+    expected = ask(ref, "s", question)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])))
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(path), redis_url, json.dumps(prompt(engine)),
-                              str(SPLIT)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(path), redis_url, json.dumps(context), json.dumps(turn)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         line = child.stdout.readline()
         assert line, child.stderr.read()
@@ -114,12 +116,11 @@ def test_write_through_session_survives_the_loss_of_its_group(tiny, redis_url):
     finally:
         child.kill()  # SIGKILL: no clean-up runs in the group
         child.wait(timeout=10)
-    assert child.returncode == -9 and first == expected[:SPLIT]
-    store = KVStore("group1-rank0", loaded.fingerprint, TierCapacity(device=1 << 20, host=1 << 20),
-                    redis_url=redis_url)
+    assert child.returncode == -9 and first == ref_turn
+    store = store_for(loaded, redis_url, ns="group1-rank0")
     state = store.restore("survivor")
-    assert (state.kind, state.tier, state.tokens) == ("resident", "device", PROMPT_LEN + SPLIT - 1)
-    shard = store.get("survivor")
-    assert shard.meta == {"length": PROMPT_LEN + SPLIT - 1}
-    assert first + continue_from(engine, shard, first[-1]) == expected
+    assert (state.kind, state.tier, state.tokens) == ("resident", "device", PROMPT_LEN + TURN + ANSWER)
+    eng = ShardEngine(loaded, store=store, block=BLOCK)
+    assert eng.length("survivor") == PROMPT_LEN + TURN + ANSWER  # the layout came back with the KV
+    assert ask(eng, "survivor", question) == expected
     store.close()

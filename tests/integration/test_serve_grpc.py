@@ -45,6 +45,7 @@ def cluster():
         "grpc_port": port, "http_port": free_port(), "redis_url": redis.url, "model": "default", "groups": 2,
         "sweep_interval_s": 1.0, "progress_chunk": 1024, "limits": {"max_sessions": 8, "max_tokens": 20000},
         "group": {"sp": 2, "num_cpus_per_rank": 0.25, "kv_device_bytes": 256 << 20, "kv_host_bytes": 256 << 20,
+                  "prefill_chunk": 1024,  # a create of ~4K tokens runs several ring chunks, each reporting progress
                   "redis_url": redis.url, "collective_timeout_s": 60, "call_timeout_s": 300,
                   "kv_cold_idle_s": 2.0},  # cold sessions go to Redis after 2 s idle
         "billing": {"meter_interval_s": 1.0, "min_session_tokens": 4, "prefill_per_mtok": 0.5,
@@ -73,7 +74,9 @@ def test_walkthrough_create_ask_append_extend_list_delete(client):
     events = []
     s = client.create_session(doc, ttl="1h", progress=lambda d, t: events.append((d, t)))
     assert 3500 < s.size_tokens < 5000
-    assert len(events) >= 3 and events[-1][0] == events[-1][1] == s.size_tokens  # progress while prefilling
+    # one progress event per prefill chunk, from inside the engine, ending at tokens_total
+    assert [d for d, _ in events] == [min(1024 * i, s.size_tokens) for i in range(1, -(-s.size_tokens // 1024) + 1)]
+    assert all(t == s.size_tokens for _, t in events)
     assert s.tier == "hbm" and s.group.startswith("group-")
 
     answer = s.generate(QUESTION, max_tokens=16).text()
@@ -142,7 +145,7 @@ def test_auth_isolation_and_bad_inputs_get_clear_status_codes(cluster, client):
             s.generate("hi", top_p=1.5).text()
         with pytest.raises(errors.InvalidArgument, match="malformed"):
             client.get_session("sessions/not-an-id")
-        with pytest.raises(errors.InvalidArgument, match="tokens; sessions hold at most"):
+        with pytest.raises(errors.FailedPrecondition, match="9000 tokens.*exceed the limit of 8192 tokens per session"):
             client.create_session(tokens=[42] * 9000)
         with pytest.raises(errors.InvalidArgument, match="out of the vocabulary"):
             client.create_session(tokens=[1, 2, 10**7])

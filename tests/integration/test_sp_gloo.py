@@ -3,16 +3,15 @@
 import pytest
 import torch
 
-from helpers import TEXT, make_tiny_llama, rel_err, run_gloo
-from ringserve.workers.engine import Engine
+from helpers import TEXT, make_tiny_llama, model_greedy, model_logits, rel_err, run_gloo
 from ringserve.workers.loader import load_model
 from ringserve.workers.sampling import SamplingParams
 from sp_workers import prefill_and_generate
 
 
 def reference(spec, ids, question, n):
-    eng = Engine(load_model(spec))
-    return eng.logits(ids), list(eng.generate(ids + question, SamplingParams(max_tokens=n), stop_ids=frozenset()))
+    loaded = load_model(spec)
+    return model_logits(loaded, ids), model_greedy(loaded, ids + question, n)
 
 
 @pytest.fixture(scope="module")

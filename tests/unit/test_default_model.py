@@ -5,8 +5,10 @@ import random
 import pytest
 import torch
 
-from helpers import rel_err
-from ringserve.workers.engine import Engine
+import itertools
+
+from helpers import model_greedy, model_logits, rel_err
+from ringserve.workers.engine import ShardEngine
 from ringserve.workers.loader import default_model_path, load_model
 from ringserve.workers.sampling import SamplingParams
 
@@ -20,7 +22,20 @@ def ours():
 
 @pytest.fixture(scope="module")
 def engine(ours):
-    return Engine(ours)
+    return ShardEngine(ours)
+
+
+_sid = itertools.count()
+
+
+def generate(engine, ids, params, stop_ids=None) -> list[int]:
+    """A one-off request: ids[:-1] becomes a session, the last token is the prompt; the session goes after."""
+    sid = f"q{next(_sid)}"
+    engine.prefill(sid, ids[:-1])
+    try:
+        return list(engine.generate(sid, ids[-1:], params, stop_ids=stop_ids))
+    finally:
+        engine.drop(sid)
 
 
 @pytest.fixture(scope="module")
@@ -45,14 +60,14 @@ def test_config_read_from_gguf(ours):
     assert c.rope_theta == 100000.0 and c.max_position_embeddings == 8192 and c.tie_word_embeddings
 
 
-def test_logits_and_greedy_tokens_match_transformers(ours, engine, hf):
+def test_logits_and_greedy_tokens_match_transformers(ours, hf):
     msgs = [{"role": "user", "content": "Write two sentences about the ocean and why tides happen."}]
     ids = ours.tokenizer.encode_chat(msgs)
-    logits = engine.logits(ids)
+    logits = model_logits(ours, ids)
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0]
     assert rel_err(logits, ref) < 1e-4
-    greedy = list(engine.generate(ids, SamplingParams(max_tokens=32), stop_ids=frozenset()))
+    greedy = model_greedy(ours, ids, 32)
     out = hf.generate(torch.tensor([ids]), max_new_tokens=32, min_new_tokens=32, do_sample=False,
                       eos_token_id=None, pad_token_id=0)
     assert greedy == out[0, len(ids):].tolist()
@@ -106,25 +121,24 @@ def test_retrieval_of_a_fact_in_a_4k_haystack(ours, engine):
     q = "What is the secret password mentioned in the text above? Answer with the password only."
     ids = ours.tokenizer.encode_chat([{"role": "user", "content": f"{doc}\n\n{q}"}])
     assert 3900 < len(ids) < 4600
-    answer = ours.tokenizer.decode(list(engine.generate(ids, SamplingParams(max_tokens=16))))
+    answer = ours.tokenizer.decode(generate(engine, ids, SamplingParams(max_tokens=16)))
     assert "PINEAPPLE" in answer.upper(), answer
 
 
 def test_seeded_sampling_is_reproducible_and_differs_from_greedy(ours, engine):
     ids = ours.tokenizer.encode_chat([{"role": "user", "content": "Tell me a short story about a cat."}])
     p = SamplingParams(temperature=1.0, top_p=0.95, top_k=50, seed=1234, max_tokens=24)
-    a = list(engine.generate(ids, p, stop_ids=frozenset()))
-    b = list(engine.generate(ids, p, stop_ids=frozenset()))
-    greedy = list(engine.generate(ids, SamplingParams(max_tokens=24), stop_ids=frozenset()))
+    a = generate(engine, ids, p, stop_ids=frozenset())
+    b = generate(engine, ids, p, stop_ids=frozenset())
+    greedy = generate(engine, ids, SamplingParams(max_tokens=24), stop_ids=frozenset())
     assert a == b and len(a) == 24
     assert a != greedy
     # top_k = 1 is greedy whatever the temperature and seed
-    k1 = list(engine.generate(ids, SamplingParams(temperature=1.5, top_k=1, seed=5, max_tokens=24),
-                              stop_ids=frozenset()))
+    k1 = generate(engine, ids, SamplingParams(temperature=1.5, top_k=1, seed=5, max_tokens=24), stop_ids=frozenset())
     assert k1 == greedy
 
 
 def test_answers_a_real_question(ours, engine):
     ids = ours.tokenizer.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
-    answer = ours.tokenizer.decode(list(engine.generate(ids, SamplingParams(max_tokens=32))))
+    answer = ours.tokenizer.decode(generate(engine, ids, SamplingParams(max_tokens=32)))
     assert "Paris" in answer

@@ -7,8 +7,9 @@ import pytest
 
 from helpers import TEXT, make_tiny_llama, write_gguf
 from ringserve.cluster.cli import main
-from ringserve.workers.engine import Engine, PromptError
+from ringserve.workers.engine import GenerationStats, ShardEngine
 from ringserve.workers.loader import ModelLoadError, load_model
+from ringserve.workers.protocol import ContextLimitError, PromptError
 from ringserve.workers.sampling import SamplingParams
 
 
@@ -39,19 +40,30 @@ def test_file_that_is_not_gguf(tmp_path):
 
 def test_prompt_longer_than_configured_maximum(tiny_dir):
     loaded = load_model(tiny_dir)
-    engine = Engine(loaded, max_context=40)
+    engine = ShardEngine(loaded, max_context=40)
     ids = loaded.tokenizer.encode(TEXT)[:50]
-    with pytest.raises(PromptError, match="50 tokens; this model is configured for at most 40"):
-        list(engine.generate(ids))
-    # a prompt that fits still works on the same engine, and generation stops at the window
-    out = list(engine.generate(ids[:30], SamplingParams(max_tokens=100), stop_ids=frozenset()))
-    assert len(out) == 10
+    with pytest.raises(ContextLimitError, match="50 tokens; the session holds 0, .* limit of 40 tokens"):
+        engine.prefill("s", ids)
+    assert engine.store.sessions() == []  # nothing half-created
+    # a session that fits still works on the same engine, and generation stops at the limit: 29 + 1 prompt
+    # tokens, one position kept for the end-of-turn token, so 9 answer tokens
+    engine.prefill("s", ids[:29])
+    stats = GenerationStats()
+    out = list(engine.generate("s", ids[29:30], SamplingParams(max_tokens=100), stop_ids=frozenset(), stats=stats))
+    assert len(out) == 9 and stats.stop_reason == "context"
+    with pytest.raises(ContextLimitError, match="leaves no room for an answer"):
+        list(engine.generate("s", ids[:10]))
 
 
-def test_empty_prompt(tiny_dir):
-    engine = Engine(load_model(tiny_dir))
+def test_empty_prompt_and_bad_ids(tiny_dir):
+    engine = ShardEngine(load_model(tiny_dir))
     with pytest.raises(PromptError, match="empty"):
-        list(engine.generate([]))
+        engine.prefill("s", [])
+    with pytest.raises(PromptError, match=r"out of range \[0, \d+\): \[-1, 99999\]"):
+        engine.prefill("s", [1, -1, 2, 99999])
+    engine.prefill("s", [1, 2, 3])
+    with pytest.raises(PromptError, match="empty"):
+        list(engine.generate("s", []))
 
 
 def test_bad_sampling_parameters():
@@ -76,7 +88,7 @@ def test_cli_prompt_too_long_with_file(tiny_dir, tmp_path, capsys):
     doc = tmp_path / "doc.txt"
     doc.write_text(TEXT * 5)
     assert main(["generate", "--model", str(tiny_dir), "--file", str(doc), "--max-context", "64", "hi"]) == 2
-    assert "configured for at most 64" in capsys.readouterr().err
+    assert "exceed the limit of 64 tokens" in capsys.readouterr().err
 
 
 def test_cli_streams_on_tiny_model(tiny_dir, capsys):

@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from helpers import TEXT, make_tiny_llama, rel_err, write_gguf
-from ringserve.workers.engine import Engine
+from helpers import TEXT, make_tiny_llama, model_greedy, model_logits, rel_err, write_gguf
 from ringserve.workers.loader import ModelLoadError, load_model
 from ringserve.workers.model import ModelConfig, RopeScaling, rope_inv_freq
 from ringserve.workers.sampling import SamplingParams
@@ -34,14 +33,13 @@ def test_tiny_logits_and_greedy_match_transformers(tiny):
     path, hf = tiny
     loaded = load_model(path)
     assert loaded.config.n_kv_heads == 2 and loaded.config.n_heads == 4  # GQA 2:1
-    engine = Engine(loaded)
     ids = loaded.tokenizer.encode(TEXT)[:97]  # an odd length
-    ours = engine.logits(ids)
+    ours = model_logits(loaded, ids)
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0]
     assert ours.shape == ref.shape
     assert rel_err(ours, ref) < 1e-4
-    greedy = list(engine.generate(ids[:40], SamplingParams(max_tokens=32), stop_ids=frozenset()))
+    greedy = model_greedy(loaded, ids[:40], 32)
     assert greedy == hf_greedy(hf, ids[:40], 32)
 
 
@@ -51,7 +49,7 @@ def test_safetensors_and_gguf_give_same_logits(tiny, tmp_path):
     gg = load_model(write_gguf(path, tmp_path / "tiny.gguf"))
     ids = st.tokenizer.encode(TEXT)[:61]
     assert gg.tokenizer.encode(TEXT)[:61] == ids  # the tokenizer rebuilt from GGUF metadata agrees
-    a, b = Engine(st).logits(ids), Engine(gg).logits(ids)
+    a, b = model_logits(st, ids), model_logits(gg, ids)
     assert rel_err(b, a) < 1e-5  # llama3 RoPE goes through per-frequency divisors in GGUF
 
 
@@ -72,7 +70,7 @@ def test_quantized_gguf_dequantizes_exactly(tiny, tmp_path, qtype):
                                                     dtype=np.float32).reshape(a.shape)))
     gg = load_model(write_gguf(path, tmp_path / f"tiny-{qtype}.gguf", qtype=qtype))
     ids = ref.tokenizer.encode(TEXT)[:33]
-    ours, expected, orig = Engine(gg).logits(ids), Engine(ref).logits(ids), Engine(load_model(path)).logits(ids)
+    ours, expected, orig = model_logits(gg, ids), model_logits(ref, ids), model_logits(load_model(path), ids)
     assert rel_err(ours, expected) < 1e-5
     assert rel_err(ours, orig) > 1e-4  # and it really was quantized
 
@@ -84,7 +82,7 @@ def test_tied_embeddings(tmp_path):
     ids = loaded.tokenizer.encode(TEXT)[:29]
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0]
-    assert rel_err(Engine(loaded).logits(ids), ref) < 1e-4
+    assert rel_err(model_logits(loaded, ids), ref) < 1e-4
 
 
 @pytest.mark.parametrize("rope", [

@@ -132,11 +132,11 @@ def test_1m_session_past_the_limit_is_refused(qwen_1m):
     from ringserve.cluster.gateway import _status_of
 
     loaded = load_model(qwen_1m[0])
-    with pytest.raises(ValueError, match="262144") as refused:
-        model_check_context(loaded, 262_144)
+    with pytest.raises(ValueError, match="262145 tokens.*limit of 262144 tokens") as refused:
+        model_check_context(loaded, 262_145)
     code, msg = _status_of(refused.value)
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "262144" in msg
-    model_check_context(loaded, 262_143)  # the longest prompt that leaves room for one answer token
+    model_check_context(loaded, 262_144)  # a session may hold exactly the model's context
     # a configured max_context may lower the limit, never raise it without the override
     c = loaded.config
     assert c.context_limit(None) == 262_144 and c.context_limit(100_000) == 100_000
@@ -188,6 +188,8 @@ def test_real_configs_give_the_published_shapes_and_limits():
         num_key_value_heads=8, head_dim=128, intermediate_size=14336, max_position_embeddings=1024000,
         rope_theta=1000000.0, sliding_window=None))
     assert nemo.head_dim == 128 and nemo.n_heads * nemo.head_dim == 4096 != nemo.dim
+    assert nemo.rope_context == 1_024_000 and nemo.max_context == 131_072  # the documented 128K
+    assert "trained it for and documents 128K" in nemo.context_note
     qwen25_7b = _cfg(vocab_size=152064, hidden_size=3584, num_hidden_layers=28, num_attention_heads=28,
                      num_key_value_heads=4, intermediate_size=18944)
     assert qwen25_7b.kv_bytes_per_token() == 56 * 1024 and qwen25_7b.qkv_bias

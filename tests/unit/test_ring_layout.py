@@ -5,7 +5,8 @@ import random
 import pytest
 import torch
 
-from ringserve.workers.ring import ShardLayout, attend_segments, choose_mode, positions_of, zigzag_segments
+from ringserve.workers.layout import ShardLayout, positions_of, zigzag_segments
+from ringserve.workers.ring import attend_segments, choose_mode
 
 
 @pytest.mark.parametrize("n,P", [(1, 2), (3, 2), (17, 4), (123, 4), (1000, 8)])
@@ -75,7 +76,11 @@ def test_attend_segments_equals_dense_masked_attention(seed):
     assert float(out[~seen.all(1)].abs().sum() if (~seen).any() else 0) == 0
 
 
-def test_choose_mode_prefers_pass_q_for_short_appends():
-    assert choose_mode(1000, 0, 32, 8) == "ring"
-    assert choose_mode(20, 100_000, 32, 8) == "replicated"
-    assert choose_mode(50_000, 60_000, 32, 8) == "ring"
+def test_choose_mode_decides_on_the_whole_call():
+    assert choose_mode(1000, 0) == "ring"  # a create
+    assert choose_mode(20, 100_000) == "replicated"  # a question against a long context
+    assert choose_mode(50_000, 60_000) == "ring"  # a long append
+    # a 2048-token piece of a long create was pass-Q before the engine owned chunking; the whole call is not
+    assert choose_mode(2048, 40_000) == "replicated" and choose_mode(1_000_000, 40_000) == "ring"
+    assert choose_mode(4097, 10_000_000) == "ring"  # past the cap, whatever the context
+    assert choose_mode(100, 1599) == "ring" and choose_mode(100, 1600) == "replicated"  # the 1/16 share
