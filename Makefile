@@ -10,13 +10,14 @@ STAMP  := $(VENV)/.installed
 export TRITON_INTERPRET ?= 1
 export PYTHONDONTWRITEBYTECODE = 1
 
-.PHONY: test serve install bench proto redis-server clean help
+.PHONY: test serve install bench proto grafana redis-server ops-tools clean help
 
 help:
 	@echo "make serve   start ringserve on this machine (CPU, default model)"
 	@echo "make test    run the CPU test suite (unit + integration)"
 	@echo "make bench   run the CPU benchmarks (results: BENCHMARKS.md)"
 	@echo "make proto   regenerate the gRPC modules from proto/ringserve/v1/*.proto"
+	@echo "make grafana regenerate deploy/grafana/ringserve.json (and the chart's copies) from cluster/metrics.py"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -41,11 +42,28 @@ redis-server:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null) \
 	  || echo "warning: could not install redis-server; tests that need it will say so"; }
 
-test: $(STAMP) redis-server
+# The operations tests run a real Prometheus against the local Ray cluster and drive the Ray
+# dashboard with Debian's chromium + chromedriver (no driver download); install them when missing.
+# A failed install only warns: those tests then skip and say why.
+ops-tools:
+	@missing=""; \
+	for pair in prometheus:prometheus promtool:prometheus chromium:chromium chromedriver:chromium-driver; do \
+	  command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing$$missing (apt-get)"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=300 \
+	     $$(echo $$missing | tr ' ' '\n' | sort -u) >/dev/null) \
+	  || echo "warning: could not install$$missing; the Prometheus / browser tests will say so"; \
+	fi
+
+test: $(STAMP) redis-server ops-tools
 	$(PY) -m pytest -q tests/unit tests/integration tests/gpu
 
+# DASHBOARD_PORT=8266 moves the Ray dashboard; NO_DASHBOARD=1 leaves it off.
 serve: $(STAMP) redis-server
-	$(VENV)/bin/ringserve serve --model default $(if $(PORT),--port $(PORT)) $(if $(API_KEY),--api-key $(API_KEY))
+	$(VENV)/bin/ringserve serve --model default $(if $(PORT),--port $(PORT)) $(if $(API_KEY),--api-key $(API_KEY)) \
+	  $(if $(DASHBOARD_PORT),--dashboard-port $(DASHBOARD_PORT)) $(if $(NO_DASHBOARD),--no-dashboard)
 
 bench: $(STAMP) redis-server
 	$(PY) benchmarks/generate_cpu.py
@@ -53,6 +71,9 @@ bench: $(STAMP) redis-server
 
 proto: $(STAMP)
 	$(PY) scripts/gen_proto.py
+
+grafana: $(STAMP)
+	$(PY) -m ringserve.cluster.grafana
 
 clean:
 	rm -rf $(VENV) build *.egg-info

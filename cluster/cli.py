@@ -10,6 +10,8 @@ one line starting with "error:" and exits with status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 
 
@@ -45,17 +47,38 @@ def _add_serve(sub):
     p.add_argument("--sp", type=int, default=None, help="ranks per group (default 2)")
     p.add_argument("--redis-url", default=None, help="Redis for sessions and KV (default: start a local redis-server)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray (default: all)")
+    p.add_argument("--http-port", type=int, default=None, help="Serve's HTTP proxy port (default 8000)")
+    d = p.add_argument_group("Ray dashboard")
+    d.add_argument("--dashboard-port", type=int, default=None,
+                   help="port of the Ray dashboard (default 8265, or the next free one)")
+    d.add_argument("--dashboard-host", default="127.0.0.1",
+                   help="address it listens on (default 127.0.0.1, this machine only; reach it from elsewhere "
+                        "with `ssh -L 8265:127.0.0.1:8265 HOST`)")
+    d.add_argument("--no-dashboard", action="store_true", help="do not start the Ray dashboard")
+    d.add_argument("--ray-token-file", default=None,
+                   help="file with Ray's authentication token, created when missing (default: Ray's own, "
+                        "~/.ray/auth_token); the dashboard asks for this token")
     p.set_defaults(func=cmd_serve)
+
+
+STOP_TIMEOUT_S = 8.0  # Ctrl-C / SIGTERM: everything is down within this (plus the exit itself)
+
+
+class _Stop(BaseException):
+    """Raised in the main thread by SIGINT / SIGTERM: unwinds `ringserve serve` into its shutdown."""
+
+
+def _on_signal(signum, frame):
+    raise _Stop(signal.Signals(signum).name)
 
 
 def cmd_serve(args) -> int:
     import secrets
-    import signal
-    import threading
+    import time
     from dataclasses import replace
 
     from ringserve.cluster.config import ApiKey, ServeConfig
-    from ringserve.cluster.serve_app import LocalRedis, start
+    from ringserve.cluster.serve_app import LocalRay, LocalRedis, start, stop
 
     cfg = ServeConfig.from_yaml(args.config) if args.config else ServeConfig.from_dict({
         "group": {"sp": 2, "num_cpus_per_rank": 0.25, "kv_device_bytes": 256 << 20, "kv_host_bytes": 512 << 20}})
@@ -63,6 +86,8 @@ def cmd_serve(args) -> int:
     changes = {"api_keys": cfg.api_keys + (ApiKey.from_plain(key, "dev", admin=True),)}
     if args.port:
         changes["grpc_port"] = args.port
+    if args.http_port:
+        changes["http_port"] = args.http_port
     if args.groups:
         changes["groups"] = args.groups
     group = cfg.group
@@ -71,40 +96,87 @@ def cmd_serve(args) -> int:
         group = replace(group, model=args.model)
     if args.sp:
         group = replace(group, sp=args.sp)
+    local = LocalRay(num_cpus=args.num_cpus, dashboard=not args.no_dashboard, dashboard_host=args.dashboard_host,
+                     dashboard_port=args.dashboard_port, token_file=args.ray_token_file)
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for s in signals:
+        signal.signal(s, _on_signal)
     redis = None
-    url = args.redis_url or cfg.redis_url
-    if not url:
-        redis = LocalRedis()
-        url = redis.url
-    changes["redis_url"] = url
-    changes["group"] = replace(group, redis_url=group.redis_url or url)
-    cfg = replace(cfg, **changes)
+    reason = None  # the signal that stopped us; None: startup failed and its error propagates
     try:
-        start(cfg, num_cpus=args.num_cpus)
-        print(f"ringserve is serving gRPC on localhost:{cfg.grpc_port} ({cfg.groups} group(s) of {cfg.group.sp} "
-              f"ranks, model {cfg.model}, Redis {url})")
-        print(f"development API key (tenant 'dev', admin): {key}")
-        print("try:\n"
+        url = args.redis_url or cfg.redis_url
+        if not url:
+            redis = LocalRedis()
+            url = redis.url
+        changes["redis_url"] = url
+        changes["group"] = replace(group, redis_url=group.redis_url or url)
+        cfg = replace(cfg, **changes)
+        info = start(cfg, local)
+        for s in signals:  # ray.init installs its own SIGTERM handler (sys.exit): ours again
+            signal.signal(s, _on_signal)
+        print(serve_banner(cfg, key, url, info), flush=True)
+        while True:
+            time.sleep(3600)
+    except _Stop as e:
+        reason = str(e)
+    finally:
+        for s in signals:  # a second Ctrl-C must not cut the bounded shutdown short
+            signal.signal(s, signal.SIG_IGN)
+        t0 = time.monotonic()
+        print(f"stopping ringserve{f' ({reason})' if reason else ''}: Serve, Ray"
+              f"{', redis-server' if redis else ''} ...", flush=True)
+        done = stop(redis, timeout_s=STOP_TIMEOUT_S)
+        print(f"stopped in {time.monotonic() - t0:.1f} s"
+              + ("" if done.clean else " (Serve did not finish in time: its processes were stopped)")
+              + (f"; {len(done.killed)} process(es) killed" if done.killed else ""), flush=True)
+        if reason:
+            # Everything this command started is gone: exit now. The interpreter's teardown (Ray's
+            # and gRPC's exit hooks, 1-2 s here) has nothing left to release, and after an unclean
+            # stop Ray's hooks would touch a worker under Serve's unfinished shutdown.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
+    return 0
+
+
+def serve_banner(cfg, key: str, redis_url: str, info) -> str:
+    """What `ringserve serve` prints once it is ready: the gRPC address and key, the Ray dashboard and
+    how to sign in to it, where Prometheus finds the metrics."""
+    from ringserve.cluster.serve_app import DEFAULT_RAY_TOKEN_FILE
+
+    lines = [f"ringserve is serving gRPC on localhost:{cfg.grpc_port} ({cfg.groups} group(s) of {cfg.group.sp} "
+             f"ranks, model {cfg.model}, Redis {redis_url})"]
+    if info is not None and info.dashboard_url:
+        lines.append(f"Ray dashboard: {info.dashboard_url}")
+        if info.token_source:
+            src = info.token_source
+            if not src.startswith("/"):
+                how = f"Ray token: {src}"
+            elif src == DEFAULT_RAY_TOKEN_FILE:  # Ray's CLI reads this one
+                how = f"Ray token file: {src} (`ray get-auth-token` prints it)"
+            else:
+                how = f"Ray token file: {src} (`cat {src}`)"
+            lines.append(f"  sign in with Ray's authentication token — {how}")
+        else:
+            lines.append("  WARNING: Ray token authentication is off (RAY_AUTH_MODE): anyone who reaches the port "
+                         "controls the cluster")
+        if info.dashboard_url.startswith(("http://127.", "http://localhost")):
+            port = info.dashboard_url.rsplit(":", 1)[-1].strip("/")
+            lines.append(f"  from another machine: ssh -L {port}:127.0.0.1:{port} THIS_HOST, then open "
+                         f"http://localhost:{port}")
+    if info is not None:
+        lines.append(f"Prometheus metrics: {info.metrics_url} (Ray session {info.session_name})")
+        if info.service_discovery:
+            lines.append(f"  every node's endpoint, for Prometheus file_sd: {info.service_discovery}")
+        lines.append("  scrape config and alerts: deploy/prometheus/; Grafana dashboard: deploy/grafana/ringserve.json")
+    lines += [f"development API key (tenant 'dev', admin): {key}",
+              "try:\n"
               "  from ringserve.client import Client\n"
               f"  client = Client('localhost:{cfg.grpc_port}', api_key='{key}')\n"
               "  with client.create_session('Ringserve keeps long contexts on a group of workers.', ttl='1h') as s:\n"
-              "      print(s.generate('What does ringserve keep?').text())", flush=True)
-        stop = threading.Event()
-        signal.signal(signal.SIGTERM, lambda *a: stop.set())
-        try:
-            stop.wait()
-        except KeyboardInterrupt:
-            pass
-    finally:
-        try:
-            from ray import serve
-
-            serve.shutdown()
-        except Exception:
-            pass
-        if redis is not None:
-            redis.stop()
-    return 0
+              "      print(s.generate('What does ringserve keep?').text())",
+              "Ctrl-C stops everything."]
+    return "\n".join(lines)
 
 
 def _client_args(p):
@@ -392,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (UserError, ModelLoadError, PromptError, ChatTemplateError, ValueError, SessionError) as e:
+    except (UserError, ModelLoadError, PromptError, ChatTemplateError, ValueError, SessionError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except GroupUnhealthy as e:  # a rank died: not the user's input, so a different exit status

@@ -1,7 +1,8 @@
 """Build and start the ringserve Serve application.
 
     app = build_app(cfg)            # Gateway (ingress) + one SequenceParallelGroup deployment per group
-    start(cfg)                      # serve.start with the gRPC proxy, then serve.run(app)
+    info = start(cfg, LocalRay())   # Ray (with its dashboard), Serve with the gRPC proxy, the app
+    stop(redis, timeout_s=8)        # all of it again, bounded in time
 
 The gRPC proxy serves `ringserve.v1.RingServe` (plus reflection); Serve's HTTP proxy starts too
 (KubeRay's readiness probe uses it).
@@ -9,18 +10,24 @@ The gRPC proxy serves `ringserve.v1.RingServe` (plus reflection); Serve's HTTP p
 
 from __future__ import annotations
 
+import os
+import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from .config import ServeConfig
 
 SERVICER = "ringserve.proto.ringserve.v1.ringserve_pb2_grpc.add_RingServeServicer_to_server"
 HEALTH = "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server"  # standard grpc.health.v1
 APP_NAME = "ringserve"
+DEFAULT_RAY_TOKEN_FILE = str(Path.home() / ".ray" / "auth_token")  # where Ray keeps a local cluster's token
 
 
 def build_app(cfg: ServeConfig):
@@ -32,20 +39,154 @@ def build_app(cfg: ServeConfig):
     return Gateway.options(name="Gateway").bind(cfg.to_dict(), *groups)
 
 
-def start(cfg: ServeConfig, *, num_cpus: int | None = None):
-    """Start Ray (if needed), Serve with the gRPC proxy, and the application; returns when ready."""
+@dataclass(frozen=True)
+class LocalRay:
+    """How `ringserve serve` starts Ray on this machine (on Kubernetes, KubeRay starts it)."""
+
+    num_cpus: int | None = None  # None: every CPU
+    dashboard: bool = False  # the Ray dashboard (and the metrics service-discovery file it writes)
+    dashboard_host: str = "127.0.0.1"  # loopback: reach it from elsewhere through an SSH tunnel
+    dashboard_port: int | None = None  # None: 8265, or the next free port
+    token_file: str | None = None  # Ray's auth token (RAY_AUTH_TOKEN_PATH), created when missing
+
+
+@dataclass(frozen=True)
+class RayInfo:
+    """Where the operator finds what `start` started."""
+
+    session_name: str  # Ray's SessionName label on every metric of this cluster
+    session_dir: str
+    metrics_url: str  # this node's Prometheus endpoint
+    dashboard_url: str | None = None
+    token_source: str | None = None  # where the dashboard's token is; None: no authentication
+    service_discovery: str | None = None  # Prometheus file_sd file (written by the dashboard)
+
+
+def start(cfg: ServeConfig, local: LocalRay | None = None, *, num_cpus: int | None = None) -> RayInfo | None:
+    """Start Ray (if needed), Serve with the gRPC proxy, and the application; returns when ready.
+    Returns where the dashboard and metrics are when this call started Ray, else None."""
     import ray
     from ray import serve
     from ray.serve.config import gRPCOptions
 
     if not cfg.redis_url:
         raise ValueError("redis_url is required (ringserve serve starts a local redis-server when none is given)")
+    local = local or LocalRay(num_cpus=num_cpus)
+    info = None
     if not ray.is_initialized():
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+        if local.token_file:
+            _use_token_file(local.token_file)
+        ctx = ray.init(num_cpus=local.num_cpus, include_dashboard=local.dashboard,
+                       dashboard_host=local.dashboard_host, dashboard_port=local.dashboard_port, log_to_driver=False)
+        info = _ray_info(ctx, local)
     serve.start(http_options={"host": "127.0.0.1", "port": cfg.http_port},
                 grpc_options=gRPCOptions(port=cfg.grpc_port, grpc_servicer_functions=[SERVICER, HEALTH],
                                          enable_reflection=True))
     serve.run(build_app(cfg), name=APP_NAME, route_prefix="/")
+    return info
+
+
+def _use_token_file(path: str) -> None:
+    """Make Ray read its auth token from `path` (RAY_AUTH_TOKEN_PATH), creating a random one (mode
+    0600) when the file does not exist yet."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(p.resolve())
+
+
+def _token_source() -> str | None:
+    """Where Ray takes its token from, in Ray's own order of precedence; None: authentication is off."""
+    if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token":
+        return None
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return "the environment variable RAY_AUTH_TOKEN"
+    return os.environ.get("RAY_AUTH_TOKEN_PATH") or DEFAULT_RAY_TOKEN_FILE
+
+
+def _ray_info(ctx, local: LocalRay) -> RayInfo:
+    a = ctx.address_info
+    session_dir = a["session_dir"]
+    host = a.get("node_ip_address") or "127.0.0.1"
+    sd = None
+    if local.dashboard:
+        sd = os.path.join(session_dir, "prom_metrics_service_discovery.json")
+    url = ctx.dashboard_url
+    return RayInfo(session_name=os.path.basename(session_dir), session_dir=session_dir,
+                   metrics_url=f"http://{host}:{a['metrics_export_port']}/metrics",
+                   dashboard_url=(url if url.startswith("http") else f"http://{url}") if local.dashboard and url else None,
+                   token_source=_token_source() if local.dashboard else None, service_discovery=sd)
+
+
+@dataclass(frozen=True)
+class Stopped:
+    clean: bool  # Serve and Ray shut down through their own calls (else their processes were stopped)
+    killed: tuple[int, ...] = ()  # pids still running at the deadline, killed
+
+
+def stop(redis: "LocalRedis | None" = None, *, timeout_s: float = 8.0) -> Stopped:
+    """Stop what `start` started — Serve (its replicas get what is left of the time but 3 s), Ray
+    (daemons and workers), then the local redis-server — within `timeout_s`; processes of ours still
+    running at the end are killed. If Serve does not finish in time, Ray's processes are terminated
+    under it instead of calling ray.shutdown() while Serve still uses the worker (which ends the
+    process); the caller should then exit without Ray's exit hooks (os._exit)."""
+    import psutil
+
+    deadline = time.monotonic() + timeout_s
+    left = lambda reserve=0.0: max(0.1, deadline - time.monotonic() - reserve)  # noqa: E731
+    me = psutil.Process()
+    ours = set(me.children(recursive=True))  # Ray's daemons and workers, redis-server
+    keep = {redis.proc.pid} if redis is not None else set()
+    clean = True
+
+    import ray
+
+    if ray.is_initialized():
+        from ray import serve
+
+        t = _thread(serve.shutdown)
+        t.join(left(3.0))
+        ours |= set(me.children(recursive=True))
+        if t.is_alive():
+            clean = False
+        else:
+            t = _thread(ray.shutdown)
+            t.join(left(1.5))
+            clean = not t.is_alive()
+        if not clean:
+            for p in ours:
+                if p.pid not in keep:
+                    _signal(p, signal.SIGTERM)
+    if redis is not None:
+        redis.stop(timeout_s=min(2.0, left(0.3)))
+    _, alive = psutil.wait_procs(list(ours), timeout=left())
+    for p in alive:
+        _signal(p, signal.SIGKILL)
+    psutil.wait_procs(alive, timeout=1.0)
+    return Stopped(clean, tuple(p.pid for p in alive))
+
+
+def _thread(fn) -> threading.Thread:
+    t = threading.Thread(target=_quietly, args=(fn,), daemon=True)
+    t.start()
+    return t
+
+
+def _signal(p, sig) -> None:
+    try:
+        p.send_signal(sig)
+    except Exception:  # gone already
+        pass
+
+
+def _quietly(fn) -> None:
+    try:
+        fn()
+    except Exception:
+        pass
 
 
 def free_port() -> int:
@@ -63,10 +204,13 @@ class LocalRedis:
             raise RuntimeError("redis-server is not installed: `apt-get install redis-server`, or pass --redis-url")
         self.port = port or free_port()
         self.dir = tempfile.mkdtemp(prefix="ringserve-redis-")
+        # its own session, so a Ctrl-C in the terminal does not stop it before Serve is down; and it
+        # dies with this process if that is killed outright
         self.proc = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir, "--save", "",
              "--appendonly", "yes" if appendonly else "no", "--protected-mode", "yes"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            preexec_fn=_die_with_parent)
         import redis
 
         deadline = time.time() + 10
@@ -80,13 +224,24 @@ class LocalRedis:
                 time.sleep(0.05)
         self.url = f"redis://127.0.0.1:{self.port}/0"
 
-    def stop(self):
+    def stop(self, timeout_s: float = 5.0):
         self.proc.terminate()
         try:
-            self.proc.wait(5)
+            self.proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+            self.proc.wait()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _die_with_parent() -> None:
+    """In a child before exec: SIGKILL it when the process that started it dies (Linux)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
 
 
 def app_builder(args: dict):

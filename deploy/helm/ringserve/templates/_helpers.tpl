@@ -152,3 +152,15 @@ billing:
 - {name: metrics, containerPort: {{ .Values.metrics.port }}}
 {{- end }}
 {{- end -}}
+
+{{/* Head only: where the Ray dashboard finds Grafana and Prometheus for its embedded metrics charts. */}}
+{{- define "ringserve.dashboardEnv" -}}
+{{- with .Values.metrics.rayDashboard }}
+{{- range $name, $value := dict "RAY_GRAFANA_HOST" .grafanaHost "RAY_GRAFANA_IFRAME_HOST" .grafanaIframeHost "RAY_PROMETHEUS_HOST" .prometheusHost "RAY_PROMETHEUS_NAME" .prometheusName }}
+{{- if $value }}
+- name: {{ $name }}
+  value: {{ $value | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
