@@ -78,13 +78,18 @@ def prompt_ids(tok, n: int) -> list[int]:
 
 
 def time_ours(engine, ids, n_decode):
-    cache = engine.new_cache(len(ids) + n_decode + 1)
+    """ShardEngine at P = 1: prefill creates the session (last logits + KV); generate then runs
+    n_decode one-token forwards (the argmax token, then n_decode - 1 generated ones), as transformers does."""
+    from ringserve.workers.sampling import SamplingParams
+
     t0 = time.perf_counter()
-    logits = engine.forward(cache, ids)
+    logits = engine.prefill("bench", ids)
     t1 = time.perf_counter()
-    for _ in range(n_decode):
-        logits = engine.forward(cache, [int(logits.argmax())])
+    if n_decode:
+        list(engine.generate("bench", [int(logits.argmax())], SamplingParams(max_tokens=n_decode),
+                             stop_ids=frozenset()))
     t2 = time.perf_counter()
+    engine.drop("bench")
     return t1 - t0, t2 - t1
 
 
@@ -140,7 +145,7 @@ def main():
     import transformers
     from transformers import AutoModelForCausalLM
 
-    from ringserve.workers.engine import Engine
+    from ringserve.workers.engine import ShardEngine
     from ringserve.workers.loader import default_model_path, load_model
 
     rows, notes = [], []
@@ -165,9 +170,10 @@ def main():
             lengths, label = args.family_lengths, f"{name}-shaped, {args.family_layers} layers"
             notes.append(f"{label}: transformers attention {hf.config._attn_implementation}, experts "
                          f"{getattr(hf.config, '_experts_implementation', None) or '-'}")
-        for r in measure(Engine(loaded), hf, ids_of, lengths, args):
+        engine = ShardEngine(loaded, max_context=max(lengths) + args.decode + 64)  # P = 1, no process group
+        for r in measure(engine, hf, ids_of, lengths, args):
             rows.append((label, *r))
-        del loaded, hf
+        del loaded, hf, engine
 
     print()
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; "
