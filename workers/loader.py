@@ -4,6 +4,13 @@
     load_model("/path/to/checkpoint")     config.json + *.safetensors (single or sharded) + tokenizer.json
     load_model("/path/to/model.gguf")     weights dequantized to the compute dtype, config, tokenizer and
                                           chat template from the GGUF metadata
+    read_config(path), model_max_context(path)   the config and its context limit, without the weights
+
+Families (README, "Models"): model_type llama, mistral, qwen2, qwen3, qwen3_moe in config.json;
+general.architecture llama (Llama, Mistral), qwen2, qwen3, qwen3moe in GGUF. A config's context is
+its length times its RoPE factor, lowered where the model needs what ringserve does not implement
+(Dual Chunk Attention, a sliding window) or where the release documents less (Nemo); the reason is
+logged once at load.
 
 Every failure a user can cause (a missing path, an unsupported architecture, a broken file) raises
 `ModelLoadError` with a message that says what to do.
