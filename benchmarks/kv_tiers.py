@@ -27,7 +27,7 @@ import time
 import redis
 import torch
 
-from ringserve.workers.kvstore import KVShard, KVStore, TierCapacity
+from ringserve.workers.kvstore import KVStore, PageGeometry, TierCapacity
 
 L, HKV, D = 24, 8, 128  # a Llama-3-8B-like KV shape: 96 KiB per token in bf16
 
@@ -52,12 +52,20 @@ def start_redis() -> tuple[subprocess.Popen, str, str]:
     raise RuntimeError("redis-server did not start")
 
 
-def session(gib: float) -> KVShard:
-    T = int(gib * (1 << 30) // (2 * L * HKV * D * 2))
+GEOMETRY = PageGeometry(L, HKV, D, 256, torch.bfloat16)
+
+
+def session(gib: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """k, v (L, T, Hkv, D) of a session of `gib` GiB, T a whole number of pages."""
+    T = int(gib * (1 << 30) // GEOMETRY.page_bytes) * GEOMETRY.block
     g = torch.Generator().manual_seed(0)
-    k = torch.randn(L, HKV, T, D, generator=g, dtype=torch.float32).bfloat16()  # (L, Hkv, T, D)
-    v = torch.randn(L, HKV, T, D, generator=g, dtype=torch.float32).bfloat16()
-    return KVShard(k, v, torch.arange(T), {"length": T})
+    k = torch.randn(L, T, HKV, D, generator=g, dtype=torch.float32).bfloat16()
+    v = torch.randn(L, T, HKV, D, generator=g, dtype=torch.float32).bfloat16()
+    return k, v
+
+
+def nbytes(shard) -> int:
+    return 2 * shard[0].numel() * shard[0].element_size()
 
 
 def gbps(nbytes: int, seconds: float) -> float:
@@ -100,43 +108,46 @@ def raw_redis_benchmark(url: str, value_bytes: int, n: int) -> tuple[float, floa
     return gbps(int(rps["SET"] * value_bytes), 1.0), gbps(int(rps["GET"] * value_bytes), 1.0)
 
 
-def store_round(url: str, shard: KVShard, *, quantized: bool, chunk_bytes: int) -> tuple[float, float]:
+def store_round(url: str, shard, *, quantized: bool, chunk_bytes: int) -> tuple[float, float]:
     """Host -> Redis (demote) and Redis -> host (restore on a fresh store) of one session; GB/s of KV bytes."""
-    cap = TierCapacity(device=2 * shard.nbytes, host=shard.nbytes + (64 << 20))
-    a = KVStore("bench-r0", "benchfp", cap, redis_url=url, chunk_bytes=chunk_bytes)
-    a.put("big", shard, allow_quantized=quantized)
+    cap = TierCapacity(device=2 * nbytes(shard), host=nbytes(shard) + (64 << 20))
+    a = KVStore("bench-r0", "benchfp", GEOMETRY, cap, redis_url=url, chunk_bytes=chunk_bytes)
+    a.put("big", *shard, quantized=quantized)
     a.demote("big", "host")
     t0 = time.perf_counter()
     assert a.demote("big", "redis").tier == "redis"
     t_store = time.perf_counter() - t0
     a.close()
-    b = KVStore("bench-r0", "benchfp", cap, redis_url=url, chunk_bytes=chunk_bytes)
+    b = KVStore("bench-r0", "benchfp", GEOMETRY, cap, redis_url=url, chunk_bytes=chunk_bytes)
     t0 = time.perf_counter()
     assert b.restore("big", to="host").tier == "host"
     t_restore = time.perf_counter() - t0
     b.delete("big")
     b.close()
-    return gbps(shard.nbytes, t_store), gbps(shard.nbytes, t_restore)
+    return gbps(nbytes(shard), t_store), gbps(nbytes(shard), t_restore)
 
 
-def gpu_rows(shard: KVShard) -> list[tuple[str, str, str]]:
+def gpu_rows(shard) -> list[tuple[str, str, str]]:
     if not torch.cuda.is_available():
         return [("device -> host (store vs pinned copy_)", "pending", "no GPU on this machine"),
                 ("host -> device (store vs pinned copy_)", "pending", "no GPU on this machine")]
     dev = torch.device("cuda")
-    pinned = torch.empty(shard.k.numel() * 2, dtype=torch.bfloat16, pin_memory=True)
-    src = torch.cat([shard.k.flatten(), shard.v.flatten()]).to(dev)
+    pinned = torch.empty(shard[0].numel() * 2, dtype=torch.bfloat16, pin_memory=True)
+    src = torch.cat([shard[0].flatten(), shard[1].flatten()]).to(dev)
     torch.cuda.synchronize()
     t0 = time.perf_counter(); pinned.copy_(src, non_blocking=True); torch.cuda.synchronize()
     d2h = gbps(src.nbytes, time.perf_counter() - t0)
     t0 = time.perf_counter(); src.copy_(pinned, non_blocking=True); torch.cuda.synchronize()
     h2d = gbps(src.nbytes, time.perf_counter() - t0)
-    cap = TierCapacity(device=2 * shard.nbytes, host=shard.nbytes + (64 << 20))
-    st = KVStore("bench-gpu", "benchfp", cap, device=dev)
-    st.put("g", shard.to(dev))
+    cap = TierCapacity(device=2 * nbytes(shard), host=nbytes(shard) + (64 << 20))
+    st = KVStore("bench-gpu", "benchfp", GEOMETRY, cap, device=dev)
+    st.put("g", shard[0].to(dev), shard[1].to(dev))
     torch.cuda.synchronize()
-    t0 = time.perf_counter(); st.demote("g", "host"); s_d2h = gbps(shard.nbytes, time.perf_counter() - t0)
-    t0 = time.perf_counter(); st.get("g"); s_h2d = gbps(shard.nbytes, time.perf_counter() - t0)
+    t0 = time.perf_counter(); st.demote("g", "host"); s_d2h = gbps(nbytes(shard), time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    with st.lease("g"):  # promotion: pages copied into free device pages
+        torch.cuda.synchronize()
+    s_h2d = gbps(nbytes(shard), time.perf_counter() - t0)
     st.close()
     return [("device -> host: store / pinned copy_", f"{s_d2h:.1f} / {d2h:.1f}", f"{s_d2h / d2h:.0%}"),
             ("host -> device: store / pinned copy_", f"{s_h2d:.1f} / {h2d:.1f}", f"{s_h2d / h2d:.0%}")]
@@ -159,7 +170,7 @@ def main() -> None:
         shard = session(args.gib)
         runs = {"raw redis-py": [], "store": [], "store int8": []}
         for _ in range(args.repeats):
-            runs["raw redis-py"].append(raw_redis_py(url, chunk, shard.nbytes))
+            runs["raw redis-py"].append(raw_redis_py(url, chunk, nbytes(shard)))
             runs["store"].append(store_round(url, shard, quantized=False, chunk_bytes=chunk))
             runs["store int8"].append(store_round(url, shard, quantized=True, chunk_bytes=chunk))
         med = {k: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v)) for k, v in runs.items()}
@@ -174,7 +185,7 @@ def main() -> None:
     st_s, st_g = med["store"]
     q_s, q_g = med["store int8"]
     lines = [
-        f"KV tiers, {args.gib:g} GiB session (L={L}, Hkv={HKV}, D={D}, bf16, {shard.num_tokens} tokens), "
+        f"KV tiers, {args.gib:g} GiB session (L={L}, Hkv={HKV}, D={D}, bf16, {shard[0].shape[1]} tokens), "
         f"{args.chunk_mib} MiB values, median of {args.repeats}; {datetime.date.today()}, {platform.node()}, "
         f"{os.cpu_count()} CPUs, Python {platform.python_version()}, torch {torch.__version__}, "
         f"redis-py {redis.__version__}, {subprocess.run(['redis-server', '--version'], capture_output=True, text=True).stdout.split()[2]}",

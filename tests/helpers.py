@@ -82,7 +82,7 @@ def write_tokenizer(path: Path, vocab_size: int, *, style: str = "gpt2") -> None
 
 def make_tiny_llama(path: Path, *, rope: dict | None = None, tie: bool = False, seed: int = 0,
                     n_heads: int = 4, n_kv_heads: int = 2, head_dim: int = 16, layers: int = 2,
-                    sharded: bool = False):
+                    sharded: bool = False, max_positions: int = 256):
     """Write a random tiny Llama checkpoint (HF format, safetensors) and return the HF model (fp32)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -92,7 +92,7 @@ def make_tiny_llama(path: Path, *, rope: dict | None = None, tie: bool = False, 
     vocab = Tokenizer.from_file(str(path / "tokenizer.json")).get_vocab_size()
     kw = dict(vocab_size=vocab, hidden_size=n_heads * head_dim, intermediate_size=96, num_hidden_layers=layers,
               num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, head_dim=head_dim,
-              max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=tie,
+              max_position_embeddings=max_positions, rms_norm_eps=1e-5, tie_word_embeddings=tie,
               bos_token_id=1, eos_token_id=2)
     if rope:
         kw["rope_parameters"] = {"rope_theta": 10000.0, **rope}

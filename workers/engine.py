@@ -19,6 +19,7 @@ The one context-limit rule is `protocol.ContextLimit`; the one prompt check is `
 from __future__ import annotations
 
 import time
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Callable, Generator, Iterator, Sequence
 
@@ -31,7 +32,7 @@ from .kvpolicy import TierCapacity
 from .kvstore import KVStore
 from .layout import ShardLayout, positions_of
 from .loader import LoadedModel
-from .protocol import ContextLimit, KVNotFoundError, Progress, PromptError, SessionError
+from .protocol import ContextLimit, KVCapacityError, KVNotFoundError, Progress, PromptError, SessionError
 from .ring import RingComm, choose_mode, context_attention, replicated_attention, ring_attention
 from .sampling import SamplingParams, sample
 
@@ -114,7 +115,9 @@ class ShardEngine:
         if store.geometry != self.geometry:
             raise ValueError(f"the KV store's page geometry {store.geometry} does not match the model's {self.geometry}")
         self.store = store
-        self.modes: list[ModeRecord] = []  # the engine's own record of how each chunk was attended
+        # the engine's own record of how each chunk was attended: the last chunks, and counts of all
+        self.modes: deque[ModeRecord] = deque(maxlen=4096)
+        self.mode_counts: Counter[str] = Counter()
 
     # -- sessions ------------------------------------------------------------------------------------
 
@@ -216,6 +219,7 @@ class ShardEngine:
             else:
                 raise ValueError(f"mode must be 'ring' or 'replicated', got {mode!r}")
             self.modes.append(ModeRecord(sid, mode, n, base + done))
+            self.mode_counts[mode] += 1
             if logits == "all":
                 all_logits.append(y)
                 all_pos.append(pos)
@@ -232,11 +236,12 @@ class ShardEngine:
         """One prefill chunk, pass-KV: this rank computes its zigzag share; returns (logits, positions):
         "all": this rank's rows; "last": the chunk's last token's (1, V) on every rank; "none": None."""
         n, s = ids.numel(), layout.length
+        before = layout.local_counts()
         new = layout.add_zigzag(n)
         mine = new[self.rank]
         pos = positions_of(mine)
         ctx = kv.length
-        self.store.reserve(kv.session, ctx + pos.numel())
+        self._reserve(kv, before, layout.local_counts())
         attn = _RingChunk(self, kv, kv.slots(ctx, ctx + pos.numel()), mine, new, ctx, has_context=s > 0)
         owner = layout.owner(s + n - 1)
         mode = "all" if logits == "all" else ("last" if logits == "last" and owner == self.rank else "none")
@@ -251,16 +256,45 @@ class ShardEngine:
         """Pass-Q: every rank computes all n new tokens and stores the rows it owns (round-robin blocks).
         Query t (position s + t) sees this rank's earlier tokens and its new rows at positions <= s + t."""
         n, s = ids.numel(), layout.length
+        before = layout.local_counts()
         mine = layout.add_blocks(n)[self.rank]
         rows = positions_of(mine) - s  # (n_local,) which of the new tokens this rank stores
         ctx = kv.length
-        self.store.reserve(kv.session, ctx + rows.numel())
+        self._reserve(kv, before, layout.local_counts())
         kv_len = ctx + torch.searchsorted(rows, torch.arange(n), right=True)  # (n,)
         attn = _Replicated(self, kv, kv.slots(ctx, ctx + rows.numel()), rows.to(self.device), kv_len)
         pos = torch.arange(s, s + n, device=self.device)
         y = self.model(ids.to(self.device), pos, attn, logits=logits, seq_len=s + n)
         kv.length += rows.numel()
         return y
+
+    def _reserve(self, kv: KVView, before: list[int], after: list[int]) -> None:
+        """Pages for this rank's new tokens, agreed by every rank: each rank knows from the layout which
+        ranks cross a page boundary; when any does, one all-reduce tells every rank whether all got
+        their pages, and if one did not, every rank raises the same KVCapacityError (with that rank's
+        numbers), so no rank is left waiting in a collective the others never reach."""
+        pages = self.geometry.pages_for
+        if all(pages(a) == pages(b) for a, b in zip(after, before)):
+            return
+        err = None
+        try:
+            self.store.reserve(kv.session, after[self.rank])
+        except KVCapacityError as e:
+            err = e
+        if self.group is None:
+            if err is not None:
+                raise err
+            return
+        import torch.distributed as dist
+
+        ok = torch.tensor([0 if err else 1], dtype=torch.int32, device=self.device)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=self.group)
+        if int(ok):
+            return
+        msgs: list = [None] * self.world
+        dist.all_gather_object(msgs, None if err is None else str(err), group=self.group)
+        rank, msg = next((r, m) for r, m in enumerate(msgs) if m)
+        raise KVCapacityError(f"rank {rank} of {self.world}: {msg}")
 
     def _share(self, logits, src: int) -> torch.Tensor:
         """Logits (1, V) from rank `src` to every rank."""

@@ -192,15 +192,13 @@ class ShardWorker:
         s = st.stats()
         t = s["tiers"]
         comm = self.engine.comm
-        modes: dict[str, int] = {}
-        for m in self.engine.modes:
-            modes[m.mode] = modes.get(m.mode, 0) + 1
         return RankStats(rank=self.rank, device=self.device, sessions=s["sessions"],
                          kv_bytes=TierBytes(t["device"]["bytes"], t["host"]["bytes"], t["redis"]["bytes"]),
                          free_device_bytes=t["device"]["free_pages"] * s["page_bytes"], page_bytes=s["page_bytes"],
                          device_pages=t["device"]["pages"], free_device_pages=t["device"]["free_pages"],
                          ring_steps=getattr(comm, "steps", 0), ring_wait_s=getattr(comm, "wait_s", 0.0),
-                         busy_s=self._busy_s, modes=modes, counters=st.counters(),
+                         ring_bytes_sent=getattr(comm, "bytes_sent", 0),
+                         busy_s=self._busy_s, modes=dict(self.engine.mode_counts), counters=st.counters(),
                          redis_degraded=bool(t["redis"]["degraded"]))
 
     def tick(self) -> list[tuple[str, str, str]]:

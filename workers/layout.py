@@ -85,7 +85,7 @@ class ShardLayout:
             last.end += n
             reg = last
         else:
-            counts = [sum(n for _, n in self.segments(r)) for r in range(self.P)]
+            counts = self.local_counts()
             reg = _Region(s, s + n, "blocks", first_owner=min(range(self.P), key=lambda r: (counts[r], r)))
             self.regions.append(reg)
         return [self._block_segments(reg, r, s, s + n) for r in range(self.P)]
@@ -133,7 +133,24 @@ class ShardLayout:
             self.regions[-1].end = length
 
     def local_tokens(self, rank: int) -> int:
-        return sum(n for _, n in self.segments(rank))
+        return self.local_counts()[rank]
+
+    def local_counts(self) -> list[int]:
+        """Tokens each rank holds, by arithmetic over the regions (no segment lists)."""
+        counts = [0] * self.P
+        for reg in self.regions:
+            n = reg.end - reg.start
+            if reg.kind == "zigzag":
+                sizes = split_even(n, 2 * self.P)
+                for r in range(self.P):
+                    counts[r] += sizes[r] + sizes[2 * self.P - 1 - r]
+                continue
+            full, rem = divmod(n, self.block)  # block i goes to rank (i + first_owner) % P
+            for r in range(self.P):
+                counts[r] += (full // self.P + ((r - reg.first_owner) % self.P < full % self.P)) * self.block
+            if rem:
+                counts[(full + reg.first_owner) % self.P] += rem
+        return counts
 
     def to_dict(self) -> dict:
         return {"P": self.P, "block": self.block,

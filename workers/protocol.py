@@ -244,6 +244,7 @@ class RankStats:
     free_device_pages: int = 0
     ring_steps: int = 0
     ring_wait_s: float = 0.0
+    ring_bytes_sent: int = 0  # the chunks' K/V sent around the ring
     busy_s: float = 0.0  # seconds spent in prefill / append calls
     modes: dict[str, int] = field(default_factory=dict)  # prefill chunks run per attention mode
     counters: StoreCounters = field(default_factory=StoreCounters)

@@ -178,10 +178,14 @@ class RingComm:
         self._reqs: list = []
         self.wait_s = 0.0
         self.steps = 0  # transfers waited for (one per ring step)
+        self.bytes_sent = 0
 
-    def send_recv(self, send: torch.Tensor, recv: torch.Tensor):
-        ops = [dist.P2POp(dist.isend, send, self.next, self.group),
-               dist.P2POp(dist.irecv, recv, self.prev, self.group)]
+    def send_recv(self, send: list[torch.Tensor], recv: list[torch.Tensor]):
+        """Post the sends of `send` to the next rank and the receives into `recv` from the previous one,
+        as one batch (the same order on every rank)."""
+        self.bytes_sent += sum(t.numel() * t.element_size() for t in send)
+        ops = [dist.P2POp(dist.isend, t, self.next, self.group) for t in send]
+        ops += [dist.P2POp(dist.irecv, t, self.prev, self.group) for t in recv]
         self._reqs = dist.batch_isend_irecv(ops)
 
     def wait(self):
@@ -206,7 +210,8 @@ def ring_attention(comm: RingComm | None, q: torch.Tensor, q_segs: list[Segment]
                    backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Pass-KV ring attention within one prefill chunk. q (Tq, H, D) with positions q_segs; k/v
     (Tk, Hkv, D): this rank's share of the chunk, whose positions are segs_by_rank[rank]. K and V
-    travel as one buffer; share sizes come from the layout, so receives are sized exactly.
+    travel as two messages of one batch, sent from where the projections put them (no staging copy)
+    and received into one buffer; share sizes come from the layout, so receives are sized exactly.
     overlap=False waits for each transfer before computing (to measure what overlap hides).
     comm=None: one rank, the chunk's causal attention alone. Returns (out fp32 (Tq, H, D), lse (Tq, H))."""
     if comm is None:
@@ -214,13 +219,13 @@ def ring_attention(comm: RingComm | None, q: torch.Tensor, q_segs: list[Segment]
     P, rank = comm.world, comm.rank
     Hkv, D = k.shape[1], k.shape[2]
     sizes = [sum(n for _, n in s) for s in segs_by_rank]
-    cur = torch.stack([k, v])  # (2, Tk, Hkv, D), contiguous: one message per step
+    cur = (k.contiguous(), v.contiguous())
     out = lse = None
     for step in range(P):
         src = (rank - step) % P
         if step + 1 < P:
             nxt = torch.empty((2, sizes[(rank - step - 1) % P], Hkv, D), dtype=k.dtype, device=k.device)
-            comm.send_recv(cur, nxt)
+            comm.send_recv(list(cur), [nxt[0], nxt[1]])
             if not overlap:
                 comm.wait()
         o, l = attend_segments(q, q_segs, cur[0], cur[1], segs_by_rank[src], scale, backend)
@@ -231,7 +236,7 @@ def ring_attention(comm: RingComm | None, q: torch.Tensor, q_segs: list[Segment]
         if step + 1 < P:
             if overlap:
                 comm.wait()
-            cur = nxt
+            cur = (nxt[0], nxt[1])
     return out, lse
 
 

@@ -73,6 +73,28 @@ def test_bad_requests_get_clear_errors_and_the_group_keeps_serving(ray_local, ti
         g.shutdown()
 
 
+def test_page_exhaustion_fails_the_request_alone_with_the_numbers(ray_local, tiny_dir):
+    """A create whose pages do not fit fails on every rank the same way (RESOURCE_EXHAUSTED, with the
+    numbers), leaves nothing behind, and the group and its other session go on."""
+    from ringserve.workers.protocol import KVCapacityError
+
+    page = 8 * 2 * 2 * 2 * 16 * 4  # block 8 x (K, V) x 2 layers x 2 KV heads x D 16 x fp32
+    g = make_group(tiny_dir, kv_device_bytes=10 * page, kv_host_bytes=0)  # 10 pages per rank, nothing below
+    try:
+        ids = load_model(tiny_dir).tokenizer.encode(TEXT)
+        g.prefill("a", ids[:60])  # 30 tokens per rank: 4 pages each
+        with pytest.raises(KVCapacityError, match=r"6 free pages of 10 and session 'b' needs 7 more \(28672 bytes\)") as e:
+            g.prefill("b", ids[:97])  # 49 + 48 tokens: rank 0 needs 7 pages, rank 1 only 6 -- both must fail
+        assert e.value.grpc_code == "RESOURCE_EXHAUSTED"
+        with pytest.raises(KVCapacityError, match=r"session 'c' needs 11 pages \(45056 bytes\).* has 10 pages"):
+            g.prefill("c", ids[:170])  # 85 per rank: 11 pages, more than the tier has
+        assert g.healthy and set(g.sessions()) == {"a"}
+        assert [s.free_device_pages for s in g.stats()] == [6, 6]
+        assert len(list(g.generate("a", ids[60:62], SamplingParams(max_tokens=4), retain=True))) == 4
+    finally:
+        g.shutdown()
+
+
 def test_a_killed_rank_fails_the_group_quickly_instead_of_hanging(ray_local, tiny_dir):
     from ringserve.workers.group import GroupUnhealthy
 

@@ -84,3 +84,17 @@ def test_choose_mode_decides_on_the_whole_call():
     assert choose_mode(2048, 40_000) == "replicated" and choose_mode(1_000_000, 40_000) == "ring"
     assert choose_mode(4097, 10_000_000) == "ring"  # past the cap, whatever the context
     assert choose_mode(100, 1599) == "ring" and choose_mode(100, 1600) == "replicated"  # the 1/16 share
+
+def test_local_counts_agree_with_the_segments():
+    rng = random.Random(5)
+    for P in (1, 2, 3, 4):
+        lay = ShardLayout(P, block=4)
+        for _ in range(12):
+            if rng.random() < 0.4:
+                lay.add_zigzag(rng.randint(1, 50))
+            else:
+                lay.add_blocks(rng.randint(1, 13))
+            assert lay.local_counts() == [sum(n for _, n in lay.segments(r)) for r in range(P)]
+        if lay.regions[-1].kind == "blocks":
+            lay.truncate(lay.length - 3)
+        assert lay.local_counts() == [sum(n for _, n in lay.segments(r)) for r in range(P)]
