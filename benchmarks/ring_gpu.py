@@ -10,6 +10,10 @@ project has, so the multi-rank parts are executed as their schedule on one devic
     python benchmarks/ring_gpu.py long1m [--tokens 1048576] [--layers 16]
         (c) a 1M-token chunked prefill of a Llama-3.2-1B-shaped model, then one decode step
             against the retained 1M-token KV.
+    python benchmarks/ring_gpu.py paged [--tokens 131072 1048576]
+        (d) decode attention of one token over T retained KV tokens of one Llama-3-8B layer (32/8 heads,
+            D = 128, bf16): the paged kernel (pages of 256 tokens, scattered) vs the contiguous split-KV
+            kernel on the same K/V, as KV GB/s.
 With --layers smaller than the model's, the figure for the whole model is extrapolated linearly
 from the measured layers (attention and MLP cost the same in every layer); the output says so.
 Prints a markdown table; --json PATH writes the raw numbers.
@@ -61,7 +65,8 @@ def random_model(shape: dict, layers: int, max_len: int):
 
 def bench_schedule(args):
     from ringserve.kernels import flash_attention
-    from ringserve.workers.ring import attend_segments, merge_attention, zigzag_segments
+    from ringserve.workers.layout import zigzag_segments
+    from ringserve.workers.ring import attend_segments, merge_attention
 
     H, Hkv, D, P = 32, 8, 128, args.ranks
     rows = []
@@ -105,8 +110,22 @@ def bench_schedule(args):
     return rows
 
 
+def sdpa_prefill(loaded, ids):
+    """What a user would write: the model over the whole prompt with PyTorch SDPA, no cache kept."""
+    import torch.nn.functional as F
+
+    def attn(layer, q, k, v):  # (T, H, D), (T, Hkv, D)
+        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
+                                             v.transpose(0, 1)[None], is_causal=True, enable_gqa=True)
+        return out[0].transpose(0, 1)
+
+    with torch.inference_mode():
+        T = len(ids)
+        return loaded.model(torch.as_tensor(ids, device="cuda"), torch.arange(T, device="cuda"), attn)
+
+
 def bench_prefill8b(args):
-    from ringserve.workers.engine import Engine, ShardEngine
+    from ringserve.workers.engine import ShardEngine
 
     full_layers = LLAMA3_8B["n_layers"]
     L = args.layers
@@ -115,20 +134,24 @@ def bench_prefill8b(args):
         loaded = random_model(LLAMA3_8B, L, T)
         ids = torch.randint(0, 128000, (T,)).tolist()
         res = {"T": T, "layers_measured": L}
-        base = Engine(loaded, prefill_chunk=T)  # plain PyTorch SDPA over the whole prompt
-        t, _ = sync_time(lambda: base.forward(base.new_cache(T), ids))
+        t, _ = sync_time(lambda: sdpa_prefill(loaded, ids))  # plain PyTorch SDPA over the whole prompt
         res["sdpa_s"] = t * full_layers / L
-        del base
         torch.cuda.empty_cache()
         for backend in args.backends:
-            eng = ShardEngine(loaded, None, prefill_chunk=args.chunk, attn_backend=backend)
+            # the served path: chunked ring prefill into the paged store (what a group's rank runs)
+            eng = ShardEngine(loaded, None, prefill_chunk=args.chunk, attn_backend=backend,
+                              kv_device_bytes=2 * T * loaded.config.kv_bytes_per_token(torch.bfloat16))
 
             def run():
                 eng.prefill("s", ids)
                 eng.drop("s")
 
+            c0 = eng.store.counters()
             t, _ = sync_time(run)
+            c1 = eng.store.counters()
             res[f"ringserve_{backend}_s"] = t * full_layers / L
+            res["bytes_per_token"] = (c1.bytes_written - c0.bytes_written + c1.bytes_copied - c0.bytes_copied) / T
+            res["token_kv_bytes"] = eng.geometry.token_bytes
             del eng
             torch.cuda.empty_cache()
         rows.append(res)
@@ -153,10 +176,11 @@ def bench_long1m(args):
     T = args.tokens[0]
     loaded = random_model(LLAMA32_1B, args.layers, T)
     ids = torch.randint(0, 128000, (T,)).tolist()
-    eng = ShardEngine(loaded, None, prefill_chunk=args.chunk, attn_backend=args.backends[0])
+    eng = ShardEngine(loaded, None, prefill_chunk=args.chunk, attn_backend=args.backends[0],
+                      kv_device_bytes=(T + 4096) * loaded.config.kv_bytes_per_token(torch.bfloat16))
     done = []
     t_pf, _ = sync_time(lambda: eng.prefill("s", ids, progress=lambda d, t: done.append(d)))
-    kv_gib = eng.session("s").cache.nbytes / 2**30
+    kv_gib = eng.store.state("s").nbytes / 2**30
     gen = eng.generate("s", [1], SamplingParams(max_tokens=10), stop_ids=frozenset())
     # the first steps include Triton compiles (lengths divisible by 16 or not specialise differently)
     steps = [sync_time(lambda: next(gen))[0] for _ in range(10)]
@@ -172,9 +196,52 @@ def bench_long1m(args):
     return [res]
 
 
+def bench_paged(args):
+    """One decode step's attention over T KV tokens of one layer: paged (scattered 256-token pages) vs
+    the contiguous split-KV kernel, both Triton, as KV bytes read per second."""
+    from ringserve.kernels import decode_attention, paged_attention
+
+    H, Hkv, D, S = 32, 8, 128, 256
+    rows = []
+    for T in args.tokens:
+        g = torch.Generator(device="cuda").manual_seed(0)
+        k = torch.randn(T, Hkv, D, device="cuda", dtype=torch.bfloat16, generator=g)
+        v = torch.randn(T, Hkv, D, device="cuda", dtype=torch.bfloat16, generator=g)
+        q = torch.randn(1, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
+        n = T // S
+        perm = torch.randperm(n, device="cuda")  # the session's pages, in a scattered order in the pool
+        kp = torch.empty(n, S, Hkv, D, device="cuda", dtype=torch.bfloat16)
+        vp = torch.empty_like(kp)
+        kp[perm] = k.view(n, S, Hkv, D)
+        vp[perm] = v.view(n, S, Hkv, D)
+        table = perm.to(torch.int32).view(1, n)
+        lens = torch.full((1, 1), T, dtype=torch.int32, device="cuda")
+        contiguous = lambda: decode_attention(q, k, v)  # noqa: E731
+        paged = lambda: paged_attention(q[None], kp, vp, table, lens, max_len=T)  # noqa: E731
+        ref, _ = contiguous()
+        out, _ = paged()
+        err = float((out[0].float() - ref.float()).abs().max())
+        for _ in range(3):
+            contiguous(), paged()
+        t_c, _ = sync_time(contiguous, 20)
+        t_p, _ = sync_time(paged, 20)
+        nbytes = 2 * k.numel() * k.element_size()
+        rows.append({"T": T, "contiguous_ms": 1e3 * t_c, "paged_ms": 1e3 * t_p, "contiguous_gbps": nbytes / t_c / 1e9,
+                     "paged_gbps": nbytes / t_p / 1e9, "ratio": t_c / t_p, "max_abs_diff": err})
+        print(rows[-1], flush=True)
+        del k, v, kp, vp
+        torch.cuda.empty_cache()
+    print("\n| KV tokens | contiguous ms | paged ms | contiguous GB/s | paged GB/s | paged / contiguous |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['T']} | {r['contiguous_ms']:.3f} | {r['paged_ms']:.3f} | {r['contiguous_gbps']:.0f} | "
+              f"{r['paged_gbps']:.0f} | {r['ratio']:.2f}x |")
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["schedule", "prefill8b", "long1m"])
+    ap.add_argument("what", choices=["schedule", "prefill8b", "long1m", "paged"])
     ap.add_argument("--tokens", type=int, nargs="+", default=None)
     ap.add_argument("--ranks", type=int, default=8)
     ap.add_argument("--layers", type=int, default=None)
@@ -182,11 +249,13 @@ def main():
     ap.add_argument("--backends", nargs="+", default=["auto", "cudnn"])
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    defaults = {"schedule": [32768, 131072], "prefill8b": [32768, 131072], "long1m": [1 << 20]}
+    defaults = {"schedule": [32768, 131072], "prefill8b": [32768, 131072], "long1m": [1 << 20],
+                "paged": [131072, 1 << 20]}
     args.tokens = args.tokens or defaults[args.what]
-    args.layers = args.layers or {"schedule": 1, "prefill8b": 32, "long1m": 16}[args.what]
+    args.layers = args.layers or {"schedule": 1, "prefill8b": 32, "long1m": 16, "paged": 1}[args.what]
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
-    rows = {"schedule": bench_schedule, "prefill8b": bench_prefill8b, "long1m": bench_long1m}[args.what](args)
+    rows = {"schedule": bench_schedule, "prefill8b": bench_prefill8b, "long1m": bench_long1m,
+            "paged": bench_paged}[args.what](args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
