@@ -128,7 +128,8 @@ def cmd_serve(args) -> int:
         done = stop(redis, timeout_s=STOP_TIMEOUT_S)
         print(f"stopped in {time.monotonic() - t0:.1f} s"
               + ("" if done.clean else " (Serve did not finish in time: its processes were stopped)")
-              + (f"; {len(done.killed)} process(es) killed" if done.killed else ""), flush=True)
+              + (f"; killed, still running at the deadline: {', '.join(done.killed)}" if done.killed else ""),
+              flush=True)
         if reason:
             # Everything this command started is gone: exit now. The interpreter's teardown (Ray's
             # and gRPC's exit hooks, 1-2 s here) has nothing left to release, and after an unclean

@@ -124,15 +124,15 @@ def _ray_info(ctx, local: LocalRay) -> RayInfo:
 @dataclass(frozen=True)
 class Stopped:
     clean: bool  # Serve and Ray shut down through their own calls (else their processes were stopped)
-    killed: tuple[int, ...] = ()  # pids still running at the deadline, killed
+    killed: tuple[str, ...] = ()  # "name (pid)" of the processes still running at the deadline, killed
 
 
 def stop(redis: "LocalRedis | None" = None, *, timeout_s: float = 8.0) -> Stopped:
     """Stop what `start` started — Serve (its replicas get what is left of the time but 3 s), Ray
-    (daemons and workers), then the local redis-server — within `timeout_s`; processes of ours still
-    running at the end are killed. If Serve does not finish in time, Ray's processes are terminated
-    under it instead of calling ray.shutdown() while Serve still uses the worker (which ends the
-    process); the caller should then exit without Ray's exit hooks (os._exit)."""
+    (daemons and workers), then the local redis-server — within about `timeout_s`. If Serve does
+    not finish in time, Ray's processes are killed under it instead of calling ray.shutdown() while
+    Serve still uses the worker (that ends this process on the spot); the caller should then exit
+    without Ray's exit hooks (os._exit). Processes of ours still running at the end are killed."""
     import psutil
 
     deadline = time.monotonic() + timeout_s
@@ -154,25 +154,57 @@ def stop(redis: "LocalRedis | None" = None, *, timeout_s: float = 8.0) -> Stoppe
             clean = False
         else:
             t = _thread(ray.shutdown)
-            t.join(left(1.5))
+            t.join(min(2.0, left(1.5)))
             clean = not t.is_alive()
-        if not clean:
-            for p in ours:
-                if p.pid not in keep:
-                    _signal(p, signal.SIGTERM)
-    if redis is not None:
-        redis.stop(timeout_s=min(2.0, left(0.3)))
-    _, alive = psutil.wait_procs(list(ours), timeout=left())
+        if not clean:  # nothing of Ray's holds durable state: kill it outright
+            ray_procs = [p for p in ours if p.pid not in keep]
+            for p in ray_procs:
+                _signal(p, signal.SIGKILL)
+            _wait_gone(ray_procs, 0.5)
+    if redis is not None:  # last, and gracefully: it writes its append-only file on the way down
+        redis.stop(timeout_s=min(1.5, left(0.5)))
+    alive = _wait_gone(ours, left())
+    killed = []
     for p in alive:
+        killed.append(f"{_name(p)} ({p.pid})")
         _signal(p, signal.SIGKILL)
-    psutil.wait_procs(alive, timeout=1.0)
-    return Stopped(clean, tuple(p.pid for p in alive))
+    _wait_gone(alive, 0.5)
+    return Stopped(clean, tuple(killed))
+
+
+def _wait_gone(procs, timeout_s: float) -> list:
+    """Wait until every process has exited; returns those still running. A zombie counts as gone
+    (in a container whose init does not reap, Ray's orphaned workers stay zombies)."""
+    import psutil
+
+    def running(p) -> bool:
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE:
+                return True
+            p.wait(0)  # reap it, if it is our own child
+        except (psutil.Error, ChildProcessError):
+            pass
+        return False
+
+    end = time.monotonic() + timeout_s
+    while True:
+        alive = [p for p in procs if running(p)]
+        if not alive or time.monotonic() >= end:
+            return alive
+        time.sleep(0.05)
 
 
 def _thread(fn) -> threading.Thread:
     t = threading.Thread(target=_quietly, args=(fn,), daemon=True)
     t.start()
     return t
+
+
+def _name(p) -> str:
+    try:
+        return " ".join(p.cmdline()[:2])[:80] or p.name()
+    except Exception:
+        return "?"
 
 
 def _signal(p, sig) -> None:

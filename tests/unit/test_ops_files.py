@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from ringserve.cluster import grafana, metrics
-from ringserve.cluster.metrics import BY_KEY, METRICS, PANELS, SERVE_SERIES, GroupRecorder, Metric
+from ringserve.cluster.metrics import METRICS, PANELS, SERVE_SERIES, GroupRecorder, Metric
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "ringserve.json"
