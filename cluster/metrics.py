@@ -3,20 +3,24 @@
 Everything that names a series reads it from here: the recording code (`metrics()[key]`), the
 Grafana dashboard (`PANELS`, rendered to deploy/grafana/ringserve.json by cluster/grafana.py), and
 the checks of the Prometheus alerting rules (deploy/prometheus/ringserve-rules.yml). A renamed or
-removed series therefore fails `make grafana`'s drift test instead of silently breaking a panel.
+removed series fails tests/unit/test_ops_files.py (the committed dashboard is stale, or reads a
+series nobody defines) instead of silently breaking a panel.
 
 Ray exports every metric on each node's Prometheus endpoint (`metrics-export-port`) with a `ray_`
 prefix, plus the labels SessionName (the Ray cluster), WorkerId and NodeAddress; a counter's name
 gets `_total` (ours already end in it). Names follow Prometheus conventions: a unit suffix
 (`_seconds`, `_bytes`, `_tokens`), base units only (token-hours are `_token_seconds_total`; ÷ 3600).
 
-Adding a series and its panel is one change in this file, then `make grafana`:
+Adding a series and its panel is one change in this file — an entry in METRICS and one in PANELS:
 
-    METRICS += Metric("queue_depth", "ringserve_scheduler_queue_depth", "gauge",
-                      "Requests waiting for a group's scheduler", tags=("group",)),
-    PANELS  += Panel("Scheduler", "Queue depth", [(f"sum by (group) ({sel('queue_depth')})", "{{group}}")]),
+    Metric("queue_depth", "ringserve_scheduler_queue_depth", "gauge",
+           "Requests waiting for a group's scheduler", ("group",)),
+    Panel("Scheduler", "Queue depth", [(f"max by (group) ({sel('queue_depth')})", "{{group}}")]),
 
-and record it where it happens: `safe(lambda: metrics()["queue_depth"].set(n, tags={"group": g}))`.
+then `make grafana` (rewrites the dashboard and the chart's copy), and recording it where it
+happens: `safe(lambda: metrics()["queue_depth"].set(n, tags={"group": g}))`. The tests then
+require the new panel to return data against a real Prometheus, so the test workload
+(tests/integration/test_ops.py) must make the series appear.
 """
 
 from __future__ import annotations
@@ -208,11 +212,6 @@ PANELS: tuple[Panel, ...] = (
     Panel("Failures", "Requests per second (Serve)",
           [(rate("requests", "deployment", APP), "{{deployment}}")], unit="reqps"),
 )
-
-
-def panel_queries() -> list[tuple[str, str]]:
-    """(panel title, PromQL) of every query of every panel."""
-    return [(p.title, q) for p in PANELS for q, _ in p.queries]
 
 
 # ---------------------------------------------------------------------------------- recording
