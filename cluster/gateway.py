@@ -15,6 +15,7 @@ import os
 import re
 import threading
 import time
+from dataclasses import asdict
 
 import grpc
 from google.protobuf import empty_pb2
@@ -27,13 +28,13 @@ from .config import ServeConfig, hash_key
 from .metrics import metrics, safe
 from .registry import LimitExceeded, Registry, SessionRecord, new_session_id
 from ringserve.workers.protocol import (ContextLimit, GenerationEnd, GroupCapacity, Progress, RingserveError,
-                                        SessionError, SessionInfo, Tier)
+                                        SamplingParams, SessionError, SessionInfo, Tier, stop_at)
 
 log = logging.getLogger("ringserve.gateway")
 
 NAME_RE = re.compile(r"^(?:sessions/)?(s-[0-9a-f]{16})$")
 ROLES = ("system", "user", "assistant")
-FINISH = {"stop": pb.STOP, "length": pb.LENGTH, "context": pb.CONTEXT_FULL}
+FINISH = {"stop": pb.STOP, "length": pb.LENGTH, "context": pb.CONTEXT_FULL, "stop_sequence": pb.STOP_SEQUENCE}
 RETENTION = {pb.RETENTION_CLASS_UNSPECIFIED: "standard", pb.HOT: "hot", pb.STANDARD: "standard", pb.COLD: "cold"}
 RETENTION_ENUM = {"hot": pb.HOT, "standard": pb.STANDARD, "cold": pb.COLD}
 PERSIST = {pb.PERSIST_MODE_UNSPECIFIED: "on_demote", pb.ON_DEMOTE: "on_demote", pb.WRITE_THROUGH: "write_through"}
@@ -528,9 +529,12 @@ class Gateway:
             except Exception:  # metrics unavailable: serve anyway
                 ttft = itl = lambda v: None
             last = end = None
-            async for tok in handle.generate.remote(rec.id, ids, params, request.retain_turn):
+            stopped = False  # a stop string matched: the group ends the generation itself, one step later
+            async for tok in handle.generate.remote(rec.id, ids, params, request.retain_turn, stops):
                 if isinstance(tok, GenerationEnd):
                     end = tok
+                    continue
+                if stopped:
                     continue
                 now_p = time.perf_counter()
                 if last is None:
@@ -544,20 +548,22 @@ class Gateway:
                 if not delta:
                     continue
                 text += delta
-                cut = _stop_at(text, stops)
+                cut = stop_at(text, stops)
                 if cut is not None:
                     keep = delta[: max(0, len(delta) - (len(text) - cut))]
                     if keep:
                         yield pb.GenerateResponse(text_delta=keep, token_ids=pending, group=rec.group)
-                    finish = pb.STOP_SEQUENCE
-                    break
+                    stopped = True
+                    continue
                 yield pb.GenerateResponse(text_delta=delta, token_ids=pending, group=rec.group)
                 pending = []
-            else:
+            if not stopped:
                 tail = stream.flush()
                 if tail or pending:
                     yield pb.GenerateResponse(text_delta=tail, token_ids=pending, group=rec.group)
-                finish = FINISH[end.reason] if end is not None else pb.STOP
+            finish = pb.STOP_SEQUENCE if stopped else (FINISH[end.reason] if end is not None else pb.STOP)
+            if end is not None:
+                generated = end.generated_tokens  # what the group computed, stop strings included
             cached = rec.size_tokens
             counts = (len(ids), cached, generated)
             now = time.time()
@@ -585,19 +591,18 @@ class Gateway:
         self._bill_moves(rec.id, info)
 
     def _sampling(self, request) -> dict:
+        """The request's sampling values, checked by the one rule (`SamplingParams`); sent as a dict."""
         s = request.sampling
-        if not 0 <= s.temperature <= 10 or s.temperature != s.temperature:
-            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"temperature must be within [0, 10], got {s.temperature}")
-        if not 0 <= s.top_p <= 1:
-            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"top_p must be within (0, 1], got {s.top_p}")
-        if s.top_k < 0:
-            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"top_k must be >= 0, got {s.top_k}")
         n = request.max_tokens or 256
         if not 1 <= n <= self.cfg.max_generate_tokens:
             raise RpcError(grpc.StatusCode.INVALID_ARGUMENT,
                            f"max_tokens must be within 1..{self.cfg.max_generate_tokens}, got {request.max_tokens}")
-        return {"temperature": float(s.temperature), "top_p": float(s.top_p or 1.0), "top_k": int(s.top_k),
-                "seed": int(s.seed) if s.HasField("seed") else None, "max_tokens": n}
+        try:
+            p = SamplingParams(temperature=float(s.temperature), top_p=float(s.top_p or 1.0), top_k=int(s.top_k),
+                               seed=int(s.seed) if s.HasField("seed") else None, max_tokens=n)
+        except ValueError as e:
+            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+        return asdict(p)
 
     async def Status(self, request: pb.StatusRequest, grpc_context=None):
         try:
@@ -724,11 +729,6 @@ def _line_pb(line: dict) -> pb.UsageLineItem:
     for t, v in line["token_ms"].items():
         item.token_seconds[t] = v / 1000
     return item
-
-
-def _stop_at(text: str, stops: list[str]) -> int | None:
-    hits = [text.find(s) for s in stops if s in text]
-    return min(hits) if hits else None
 
 
 def _tier_pb(info: SessionInfo) -> int:

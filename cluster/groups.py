@@ -1,4 +1,4 @@
-"""`SequenceParallelGroup`: the Serve deployment that owns one WorkerGroup.
+"""`SequenceParallelGroup`: the Serve deployment that owns one WorkerGroup and its scheduler.
 
 Routing choice (issue 6 allows "another Serve-native mechanism you justify"): every worker group is
 its own single-replica deployment (`group-0`, `group-1`, …) and the Gateway routes by the group id
@@ -9,98 +9,118 @@ would have to rediscover the owner from replica ids that change when Serve resta
 Serve still supervises each group (health checks, restart of a dead replica), and new sessions go
 to the group reporting the most free KV capacity (`capacity()`).
 
-The deployment only submits work and passes results through: chunking, progress and the KV all
-live in the workers (one engine call per create / append / generate). A group runs one request at a
-time (its ranks work in lockstep); requests queue in the replica. When its WorkerGroup turns
-unhealthy (a rank died), the next call rebuilds it: sessions that were persisted to Redis are then
-restored by the Gateway, the others are reported lost.
+The deployment only submits work and streams results: the group's scheduler (workers/scheduler.py,
+a thread beside Serve's request handling) batches every running generate into one decode step and
+shares prefill steps between creates, appends and prompts. Every method is a coroutine that never
+blocks the replica's event loop, so control calls (capacity, describe, TTL, metering, health) are
+answered while long prefills run; a client that goes away cancels its request at the next step.
+When the WorkerGroup turns unhealthy (a rank died), the next call rebuilds it: sessions that were
+persisted to Redis are then restored by the Gateway, the others are reported lost.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from dataclasses import asdict
 
 from ray import serve
 
 from ringserve.workers.group import GroupConfig, WorkerGroup
-from ringserve.workers.protocol import GroupCapacity, MeterReport, SessionInfo, TierBytes
-from ringserve.workers.sampling import SamplingParams
+from ringserve.workers.protocol import GroupCapacity, MeterReport, SamplingParams, SessionInfo, TierBytes
 
 from .metrics import GroupRecorder, safe
 
 
-@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256,
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024,
                   health_check_period_s=5, graceful_shutdown_timeout_s=5)
 class SequenceParallelGroup:
     def __init__(self, group_id: str, group_cfg: dict):
         self.group_id = group_id
         self.cfg = GroupConfig(**group_cfg)
-        self._lock = threading.Lock()
-        self.group = WorkerGroup(self.cfg, name=group_id)
-        self.rebuilds = 0
+        self._rebuild = threading.Lock()
         self.recorder = GroupRecorder(group_id)
+        self.group = self._start()
+        self.rebuilds = 0
+
+    def _start(self) -> WorkerGroup:
+        g = WorkerGroup(self.cfg, name=self.group_id)
+        g.scheduler.on_step = self.recorder.record_step
+        return g
 
     def _ready(self) -> WorkerGroup:
-        if not self.group.healthy:  # a rank died: start a fresh group; persisted sessions come back
-            self.group.shutdown()
-            self.group = WorkerGroup(self.cfg, name=self.group_id)
-            self.rebuilds += 1
-        return self.group
+        with self._rebuild:
+            if not self.group.healthy:  # a rank died: start a fresh group; persisted sessions come back
+                self.group.shutdown()
+                self.group = self._start()
+                self.rebuilds += 1
+            return self.group
+
+    async def _call(self, fn, *args):
+        """A blocking group call off the event loop."""
+        return await asyncio.to_thread(fn, *args)
 
     def check_health(self):  # Serve's health check: an unhealthy group is rebuilt on the next call
         return None
 
-    def capacity(self) -> GroupCapacity:
-        """Free device-tier KV bytes over the ranks (what new sessions are placed by), and every rank."""
-        with self._lock:
-            g = self._ready()
-            stats = g.stats()
+    async def capacity(self) -> GroupCapacity:
+        """Free device-tier KV bytes over the ranks (what new sessions are placed by), every rank, and the
+        scheduler's queue and batch."""
+        g = await self._call(self._ready)
+        stats = await self._call(g.stats)
         return GroupCapacity(self.group_id, g.healthy, stats[0].sessions, sum(s.free_device_bytes for s in stats),
                              TierBytes(*(sum(getattr(s.kv_bytes, t) for s in stats) for t in ("device", "host", "redis"))),
-                             tuple(stats), self.rebuilds)
+                             tuple(stats), self.rebuilds, g.scheduler.stats())
 
-    def create(self, sid: str, ids: list[int], opts: dict, progress_every: int):
+    async def _stream(self, g: WorkerGroup, kind: str, sid: str, ids: list[int], **kw):
+        h = g.submit(kind, sid, ids, loop=asyncio.get_running_loop(), **kw)
+        async for item in h:  # cancelled (client gone): the handle cancels the request
+            if isinstance(item, SessionInfo):  # rank 0's view: merge every rank's bytes and tokens
+                item = (await self._call(g.describe, sid)).with_group(self.group_id)
+            yield item
+
+    async def create(self, sid: str, ids: list[int], opts: dict, progress_every: int):
         """Prefill `ids` as session `sid`: Progress after prefill chunks, then the SessionInfo."""
-        with self._lock:
-            for item in self._ready().create(sid, ids, progress_every=progress_every, **opts):
-                yield item.with_group(self.group_id) if isinstance(item, SessionInfo) else item
+        g = await self._call(self._ready)
+        async for item in self._stream(g, "create", sid, ids, opts=opts, progress_every=progress_every):
+            yield item
 
-    def append(self, sid: str, ids: list[int], progress_every: int):
-        with self._lock:
-            for item in self._ready().append(sid, ids, progress_every=progress_every):
-                yield item.with_group(self.group_id) if isinstance(item, SessionInfo) else item
+    async def append(self, sid: str, ids: list[int], progress_every: int):
+        g = await self._call(self._ready)
+        async for item in self._stream(g, "append", sid, ids, progress_every=progress_every):
+            yield item
 
-    def generate(self, sid: str, ids: list[int], params: dict, retain: bool):
-        """Token ids, then a GenerationEnd."""
-        with self._lock:
-            yield from self._ready().generate_stream(sid, ids, SamplingParams(**params), retain=retain)
+    async def generate(self, sid: str, ids: list[int], params: dict, retain: bool, stops: list[str] = ()):
+        """Token ids, then a GenerationEnd; `stops` end the generation here when the text contains one."""
+        g = await self._call(self._ready)
+        async for item in self._stream(g, "generate", sid, ids, sampling=SamplingParams(**params), retain=retain,
+                                       stops=tuple(stops)):
+            yield item
 
-    def describe(self, sid: str) -> SessionInfo:
-        with self._lock:
-            return self._ready().describe(sid).with_group(self.group_id)
+    async def describe(self, sid: str) -> SessionInfo:
+        g = await self._call(self._ready)
+        return (await self._call(g.describe, sid)).with_group(self.group_id)
 
-    def restore(self, sid: str) -> SessionInfo:
-        with self._lock:
-            return self._ready().restore(sid).with_group(self.group_id)
+    async def restore(self, sid: str) -> SessionInfo:
+        g = await self._call(self._ready)
+        return (await self._call(g.restore, sid)).with_group(self.group_id)
 
-    def set_ttl(self, sid: str, ttl_s: float | None) -> None:
-        with self._lock:
-            self._ready().set_ttl(sid, ttl_s)
+    async def set_ttl(self, sid: str, ttl_s: float | None) -> None:
+        g = await self._call(self._ready)
+        await self._call(g.set_ttl, sid, ttl_s)
 
-    def delete(self, sid: str) -> None:
-        with self._lock:
-            self._ready().drop(sid)
+    async def delete(self, sid: str) -> None:
+        """Delete at the next step boundary: a request running on the session is ended first."""
+        g = await self._call(self._ready)
+        await self._call(g.drop, sid)
 
-    def meter(self) -> MeterReport:
-        """Apply the retention policy (idle demotion, watermarks), then report every session's tier
-        history for billing."""
-        with self._lock:
-            g = self._ready()
-            moved = g.tick()
-            sessions = {sid: info.with_group(self.group_id) for sid, info in g.sessions().items()}
-            safe(self.recorder.record, g.stats())
-            return MeterReport(self.group_id, tuple(moved), sessions)
+    async def meter(self) -> MeterReport:
+        """Every session's tier history for billing (the tier policy runs on the group's own tick)."""
+        g = await self._call(self._ready)
+        sessions = {sid: info.with_group(self.group_id) for sid, info in (await self._call(g.sessions)).items()}
+        stats = await self._call(g.stats)
+        safe(self.recorder.record, stats)
+        return MeterReport(self.group_id, (), sessions)
 
-    def info(self) -> dict:
+    async def info(self) -> dict:
         return {"group": self.group_id, "config": asdict(self.cfg), "rebuilds": self.rebuilds}

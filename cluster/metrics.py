@@ -31,13 +31,14 @@ from dataclasses import dataclass
 from itertools import product
 
 LATENCY_BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+BATCH_BOUNDS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 THROUGHPUT_BOUNDS = (10, 100, 1e3, 1e4, 3e4, 1e5, 3e5, 1e6, 3e6)
 KINDS = ("counter", "gauge", "histogram")
 
 # Label values known in advance. Counters over them are exported at 0 from the start, so a
 # `rate()` or `increase()` sees the first event (a series that appears at 1 has no increase).
 TIERS = ("hbm", "host", "redis")
-LABEL_VALUES = {"tier": TIERS, "from_tier": TIERS, "to_tier": TIERS}
+LABEL_VALUES = {"tier": TIERS, "from_tier": TIERS, "to_tier": TIERS, "kind": ("prefill", "decode")}
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,18 @@ METRICS: tuple[Metric, ...] = (
            "Live sessions whose retention is not metered (reconciliation; must stay 0)"),
     Metric("orphaned", "ringserve_billing_orphaned_intervals", "gauge",
            "Open billing intervals of sessions that are gone (reconciliation; must stay 0)"),
+    Metric("queue_depth", "ringserve_scheduler_queue_depth", "gauge",
+           "Requests waiting for a group's scheduler (not yet admitted)", ("group",)),
+    Metric("running", "ringserve_scheduler_running_requests", "gauge",
+           "Requests a group's scheduler has admitted (prefilling or in the decode batch)", ("group",)),
+    Metric("batch", "ringserve_scheduler_decode_batch_size", "histogram",
+           "Sessions in each step's decode batch (steps that decode)", ("group",), BATCH_BOUNDS),
+    Metric("step_tokens", "ringserve_scheduler_tokens_total", "counter",
+           "Tokens computed by a group's steps, by kind (prefill chunks, decode batch)", ("kind", "group")),
+    Metric("preemptions", "ringserve_scheduler_preemptions_total", "counter",
+           "Times a started prefill yielded a step to other requests (a long create making way)", ("group",)),
+    Metric("step_time", "ringserve_scheduler_step_seconds", "histogram", "Duration of each step on the ranks",
+           ("group",), LATENCY_BOUNDS),
 )
 BY_KEY = {m.key: m for m in METRICS}
 
@@ -201,6 +214,19 @@ PANELS: tuple[Panel, ...] = (
           help="Time waiting for ring transfers that compute did not hide; growing = communication-bound"),
     Panel("Ring attention", "Ring step time", [(quantile("ring_step", 0.5, "group"), "{{group}} p50"),
                                                (quantile("ring_step", 0.95, "group"), "{{group}} p95")], unit="s"),
+    Panel("Scheduler", "Queue and running requests",
+          [(f"sum by (group) ({sel('queue_depth')})", "{{group}} waiting"),
+           (f"sum by (group) ({sel('running')})", "{{group}} running")],
+          help="Waiting: not admitted yet (no free pages, or over max_running); running: admitted"),
+    Panel("Scheduler", "Decode batch size", [(quantile("batch", q, "group"), f"{{{{group}}}} p{int(q * 100)}")
+                                             for q in (0.5, 0.95)],
+          help="Sessions sharing one decode step"),
+    Panel("Scheduler", "Tokens per second by kind", [(rate("step_tokens", "kind"), "{{kind}}")], stack=True,
+          help="Prefill vs decode share of what the groups compute"),
+    Panel("Scheduler", "Preemptions per second", [(rate("preemptions", "group"), "{{group}}")], unit="ops",
+          help="A started prefill waiting a step so shorter requests go first"),
+    Panel("Scheduler", "Step time", [(quantile("step_time", q, "group"), f"{{{{group}}}} p{int(q * 100)}")
+                                     for q in (0.5, 0.99)], unit="s"),
     Panel("Failures", "Redis errors per second", [(rate("redis_errors", "group"), "{{group}}")], unit="ops"),
     Panel("Failures", "Restores and lost sessions (dashboard range)",
           [(increase("restores"), "restored from Redis"), (increase("lost"), "lost")]),
@@ -369,6 +395,23 @@ class GroupRecorder:
         if steps and busy > 0:  # steps, wait and busy are all summed over the ranks
             m["ring_step"].observe(busy / steps, tags={"group": g})
             m["comm_wait"].set(min(1.0, wait / busy), tags={"group": g})
+
+
+    def record_step(self, plan, results, stats) -> None:
+        """One scheduler step (called by the group's scheduler thread after every step)."""
+        m, g = metrics(), self.group
+        r0 = results[0]
+        m["queue_depth"].set(stats.waiting, tags={"group": g})
+        m["running"].set(stats.running, tags={"group": g})
+        m["step_time"].observe(r0.seconds, tags={"group": g})
+        if r0.decode_tokens:
+            m["batch"].observe(r0.decode_tokens, tags={"group": g})
+            m["step_tokens"].inc(r0.decode_tokens, tags={"kind": "decode", "group": g})
+        if r0.prefill_tokens:
+            m["step_tokens"].inc(r0.prefill_tokens, tags={"kind": "prefill", "group": g})
+        new = self._delta("preemptions", stats.preemptions)
+        if new:
+            m["preemptions"].inc(new, tags={"group": g})
 
 
 def _tier(name) -> str:

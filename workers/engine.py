@@ -32,9 +32,11 @@ from .kvpolicy import TierCapacity
 from .kvstore import KVStore
 from .layout import ShardLayout, positions_of
 from .loader import LoadedModel
-from .protocol import ContextLimit, KVCapacityError, KVNotFoundError, Progress, PromptError, SessionError
-from .ring import RingComm, choose_mode, context_attention, replicated_attention, ring_attention
-from .sampling import SamplingParams, sample
+from .protocol import (ContextLimit, GenerationEnd, KVCapacityError, KVNotFoundError, Progress, PromptError,
+                       SessionError)
+from .ring import (RingComm, batch_decode_attention, choose_mode, context_attention, replicated_attention,
+                   ring_attention)
+from .sampling import SamplingParams
 
 # Tokens per prefill chunk when the config does not say. The chunk bounds activation memory (each rank
 # holds the activations of prefill_chunk / P tokens per layer) and sets how often progress is reported
@@ -159,47 +161,86 @@ class ShardEngine:
 
     # -- create / append -----------------------------------------------------------------------------
 
-    def prefill_steps(self, sid: str, ids: Sequence[int], *, logits: str = "last", retention: str = "standard",
-                      persist: str = "on_demote", ttl_s: float | None = None, allow_quantized: bool = False
-                      ) -> Generator[Progress, None, torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
-        """Create session `sid` from `ids` with chunked ring prefill, yielding Progress after each chunk.
-        Returns the last token's logits (1, V) on every rank, or with logits="all" this rank's
-        (logits (T_local, V), positions). The KV is retained in the store with the retention class,
-        persist mode ("on_demote" / "write_through") and time to live given."""
+    def scores(self, sid: str, ids: Sequence[int], *, progress: Callable[[int, int], None] | None = None,
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Create session `sid` from `ids` and return this rank's logits of every position it holds:
+        (logits (T_local, V), positions) — for scoring and tests; serving never needs them."""
         self._check_ids(ids)
         self.limit.check_add(0, len(ids))
-        expire_at = self.store.clock() + ttl_s if ttl_s else None
         layout = ShardLayout(self.world, self.block)
-        self.store.create(sid, meta=self._meta(layout), retention=retention, persist=persist, expire_at=expire_at,
-                          quantized=allow_quantized)
+        self.store.create(sid, meta=self._meta(layout))
         try:
             with self.store.lease(sid) as kv:
-                out = yield from self._extend(sid, kv, layout, ids, "ring", logits)
+                out = _drive(self._extend(sid, kv, layout, ids, "ring", "all"), progress)
                 self.store.commit(sid, kv.length, self._meta(layout))
         except BaseException:
             self.drop(sid)
             raise
         return out
 
-    def append_steps(self, sid: str, ids: Sequence[int], *, mode: str | None = None
-                     ) -> Generator[Progress, None, torch.Tensor]:
-        """Add `ids` (a turn, a document) after the session's tokens and keep them, yielding Progress
-        after each chunk; returns the last token's logits (1, V) on every rank. mode: "ring",
-        "replicated", or None to choose for the whole call (`choose_mode`)."""
-        self._check_ids(ids)
-        layout = self._layout(sid)
-        self.limit.check_add(layout.length, len(ids))
-        with self.store.lease(sid) as kv:
-            out = yield from self._extend(sid, kv, layout, ids, mode or choose_mode(len(ids), layout.length), "last")
-            self.store.commit(sid, kv.length, self._meta(layout))
-        return out
+    # -- the served path, driven here: the same executor and step plans a group's scheduler uses --------
 
-    def prefill(self, sid: str, ids: Sequence[int], *, progress: Callable[[int, int], None] | None = None, **kw):
-        return _drive(self.prefill_steps(sid, ids, **kw), progress)
+    def _local(self):
+        """A scheduler core and an executor of this rank's own: every rank of a group that makes the same
+        calls plans the same steps (the core is deterministic), so the ranks stay in lockstep."""
+        if getattr(self, "_core", None) is None:
+            from .executor import StepExecutor
+            from .scheduler import SchedulerConfig, SchedulerCore
 
-    def append(self, sid: str, ids: Sequence[int], *, mode: str | None = None,
-               progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
-        return _drive(self.append_steps(sid, ids, mode=mode), progress)
+            self._core = SchedulerCore(SchedulerConfig(self.prefill_chunk))
+            self._executor = StepExecutor(self, keep_logits=True)
+        return self._core, self._executor
+
+    def _run(self, kind: str, sid: str, ids: Sequence[int], **kw):
+        from .scheduler import run_local
+
+        core, ex = self._local()
+        h = core.submit(kind, sid, ids, **kw)
+        return h, ex, run_local(core, ex, h)
+
+    def prefill(self, sid: str, ids: Sequence[int], *, progress: Callable[[int, int], None] | None = None,
+                logits: str = "last", **opts):
+        """Create session `sid` from `ids` (chunked ring prefill) and retain its KV. Returns the last
+        token's logits (1, V) on every rank; logits="all" returns `scores` instead. opts: retention,
+        persist ("on_demote" / "write_through"), ttl_s, allow_quantized."""
+        if logits == "all":
+            return self.scores(sid, ids, progress=progress)
+        h, ex, items = self._run("create", sid, ids, opts=opts)
+        _report(items, progress)
+        return ex.last_logits.pop(h.id)
+
+    def append(self, sid: str, ids: Sequence[int], *, progress: Callable[[int, int], None] | None = None
+               ) -> torch.Tensor:
+        """Add `ids` (a turn, a document) after the session's tokens and keep them; returns the last
+        token's logits (1, V) on every rank."""
+        h, ex, items = self._run("append", sid, ids)
+        _report(items, progress)
+        return ex.last_logits.pop(h.id)
+
+    def generate(self, sid: str, ids: Sequence[int], params: SamplingParams = SamplingParams(), *,
+                 retain: bool = False, stop_ids: frozenset[int] | None = None,
+                 stats: GenerationStats | None = None) -> Iterator[int]:
+        """Add `ids` (e.g. a question) to session `sid` and yield generated tokens (a stop token is not
+        yielded). With `retain` the question, the answer and the stop token stay in the session;
+        without, the session is afterwards as it was."""
+        stats = stats if stats is not None else GenerationStats()
+        t0 = time.perf_counter()
+        first = None
+        _, _, items = self._run("generate", sid, ids, sampling=params, retain=retain,
+                                stop_ids=None if stop_ids is None else tuple(stop_ids))
+        try:
+            for item in items:
+                if isinstance(item, int):
+                    if first is None:
+                        first = time.perf_counter()
+                    yield item
+                elif isinstance(item, GenerationEnd):
+                    stats.prompt_tokens, stats.generated_tokens = item.prompt_tokens, item.generated_tokens
+                    stats.stop_reason, stats.retained_tokens = item.reason, item.retained_tokens
+        finally:
+            end = time.perf_counter()
+            stats.prefill_s = (first or end) - t0
+            stats.decode_s = end - (first or end)
 
     def _extend(self, sid: str, kv: KVView, layout: ShardLayout, ids: Sequence[int], mode: str, logits: str
                 ) -> Generator[Progress, None, torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
@@ -270,31 +311,65 @@ class ShardEngine:
 
     def _reserve(self, kv: KVView, before: list[int], after: list[int]) -> None:
         """Pages for this rank's new tokens, agreed by every rank: each rank knows from the layout which
-        ranks cross a page boundary; when any does, one all-reduce tells every rank whether all got
-        their pages, and if one did not, every rank raises the same KVCapacityError (with that rank's
-        numbers), so no rank is left waiting in a collective the others never reach."""
+        ranks cross a page boundary; when any does, they agree (`agree`) whether all got their pages,
+        and if one did not, every rank raises the same KVCapacityError (with that rank's numbers), so no
+        rank is left waiting in a collective the others never reach. Nothing to do when the request's
+        pages were reserved up front (the scheduler's admission)."""
         pages = self.geometry.pages_for
-        if all(pages(a) == pages(b) for a, b in zip(after, before)):
+        if kv.prereserved or all(pages(a) == pages(b) for a, b in zip(after, before)):
             return
         err = None
         try:
             self.store.reserve(kv.session, after[self.rank])
         except KVCapacityError as e:
             err = e
-        if self.group is None:
-            if err is not None:
-                raise err
-            return
+        (err,) = self.agree([err])
+        if err is not None:
+            raise err
+
+    def agree(self, errors: list[BaseException | None]) -> list[BaseException | None]:
+        """Per item, the error any rank had (the first rank's that failed), the same on every rank; one
+        all-reduce when nothing failed anywhere, and an all-gather of the errors only when something did."""
+        if self.group is None or not errors:
+            return errors
         import torch.distributed as dist
 
-        ok = torch.tensor([0 if err else 1], dtype=torch.int32, device=self.device)
+        ok = torch.tensor([e is None for e in errors], dtype=torch.int32, device=self.device)
         dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=self.group)
-        if int(ok):
-            return
-        msgs: list = [None] * self.world
-        dist.all_gather_object(msgs, None if err is None else str(err), group=self.group)
-        rank, msg = next((r, m) for r, m in enumerate(msgs) if m)
-        raise KVCapacityError(f"rank {rank} of {self.world}: {msg}")
+        if bool(ok.all()):
+            return [None] * len(errors)
+        gathered: list = [None] * self.world
+        dist.all_gather_object(gathered, [None if e is None else e for e in errors], group=self.group)
+        out = []
+        for i, good in enumerate(ok.tolist()):
+            out.append(None if good else next(g[i] for g in gathered if g[i] is not None))
+        return out
+
+    @torch.inference_mode()
+    def decode_batch(self, items: list[tuple[KVView, ShardLayout, int]]) -> torch.Tensor:
+        """One new token for each of B sessions in one forward: items are (pages, layout, token); each
+        token goes after its session's tokens (round-robin block owner stores its K/V; pages must be
+        reserved). Returns logits (B, V), identical on every rank."""
+        B = len(items)
+        owned, slots, kv_len, positions = [], [], [], []
+        for b, (kv, layout, _) in enumerate(items):
+            positions.append(layout.length)
+            mine = layout.add_blocks(1)[self.rank]
+            if mine:
+                if kv.capacity < kv.length + 1:
+                    raise RuntimeError(f"session {kv.session!r}: decode_batch needs its pages reserved first")
+                owned.append(b)
+                slots.append(kv.slots(kv.length, kv.length + 1))
+            kv_len.append(kv.length + (1 if mine else 0))
+        attn = _BatchDecode(self, [kv for kv, _, _ in items], torch.tensor(owned, dtype=torch.long, device=self.device),
+                            torch.cat(slots) if slots else None, torch.tensor(kv_len, dtype=torch.int32))
+        tokens = torch.tensor([t for _, _, t in items], dtype=torch.long, device=self.device)
+        y = self.model(tokens, torch.tensor(positions, device=self.device), attn, logits="all",
+                       seq_len=max(positions) + 1)
+        for b in owned:
+            items[b][0].length += 1
+        self.mode_counts["decode"] += B  # tokens decoded in batches
+        return y  # (B, V)
 
     def _share(self, logits, src: int) -> torch.Tensor:
         """Logits (1, V) from rank `src` to every rank."""
@@ -306,55 +381,10 @@ class ShardEngine:
         dist.broadcast(buf, dist.get_global_rank(self.group, src), group=self.group)
         return buf
 
-    # -- generation ----------------------------------------------------------------------------------
-
-    def _pick(self, logits: torch.Tensor, params: SamplingParams, gen) -> int:
-        """Rank 0 samples; every rank gets its token."""
-        tok = sample(logits, params, gen) if self.rank == 0 else 0
-        if self.group is None:
-            return tok
-        import torch.distributed as dist
-
-        t = torch.tensor([tok], dtype=torch.long, device=self.device)
-        dist.broadcast(t, dist.get_global_rank(self.group, 0), group=self.group)
-        return int(t)
-
-    def generate(self, sid: str, ids: Sequence[int], params: SamplingParams = SamplingParams(), *,
-                 retain: bool = False, stop_ids: frozenset[int] | None = None,
-                 stats: GenerationStats | None = None) -> Iterator[int]:
-        """Add `ids` (e.g. a question) to session `sid` and yield generated tokens (a stop token is not
-        yielded). With `retain` the question, the answer and the stop token stay in the session;
-        without, the session is afterwards as it was."""
-        stop = self.tokenizer.stop_ids if stop_ids is None else stop_ids
-        stats = stats if stats is not None else GenerationStats()
-        self._check_ids(ids)
-        layout = self._layout(sid)
-        base = layout.length
-        budget = self.limit.generate_budget(base, len(ids), params.max_tokens)
-        gen = params.generator()
-        with self.store.lease(sid) as kv:
-            t0 = time.perf_counter()
-            logits = _drive(self._extend(sid, kv, layout, ids, choose_mode(len(ids), base), "last"))
-            stats.prompt_tokens, stats.prefill_s = len(ids), time.perf_counter() - t0
-            t0 = time.perf_counter()
-            stats.stop_reason = "length" if budget == params.max_tokens else "context"
-            try:
-                for i in range(budget):
-                    tok = self._pick(logits, params, gen)
-                    if tok in stop:
-                        stats.stop_reason = "stop"
-                        if retain:  # the end-of-turn token closes the retained turn
-                            _drive(self._extend(sid, kv, layout, [tok], "replicated", "last"))
-                        break
-                    stats.generated_tokens += 1
-                    yield tok
-                    if i + 1 < budget or retain:  # the last token's KV is needed only to keep it
-                        logits = _drive(self._extend(sid, kv, layout, [tok], "replicated", "last"))
-                if retain:
-                    self.store.commit(sid, kv.length, self._meta(layout))
-                    stats.retained_tokens = layout.length - base
-            finally:
-                stats.decode_s = time.perf_counter() - t0
+def _report(items: Iterator, progress: Callable[[int, int], None] | None) -> None:
+    for item in items:
+        if isinstance(item, Progress) and progress is not None:
+            progress(item.done, item.total)
 
 
 def _drive(steps: Generator, progress: Callable[[int, int], None] | None = None):
@@ -387,6 +417,22 @@ class _RingChunk:
             o, l = context_attention(e.group, q, self.rows, self.kv, layer, self.context, e.scale, e.attn_backend)
             merge_attention(out, lse, o, l)
         return out.to(q.dtype)
+
+
+class _BatchDecode:
+    """Attention of a decode batch: one token of each of B sessions. Each rank stores the tokens it
+    owns, attends every query over that session's pages, and one all-gather per layer merges the
+    partials of the whole batch."""
+
+    def __init__(self, eng: ShardEngine, kvs: list[KVView], owned: torch.Tensor, slots: torch.Tensor | None,
+                 kv_len: torch.Tensor):
+        self.eng, self.kvs, self.owned, self.slots, self.kv_len = eng, kvs, owned, slots, kv_len
+
+    def __call__(self, layer, q, k, v):
+        e = self.eng
+        if self.slots is not None:  # the pool is shared by every session of the rank: one write
+            self.kvs[0].write(layer, self.slots, k[self.owned], v[self.owned])
+        return batch_decode_attention(e.group, q, self.kvs, layer, self.kv_len, e.scale, e.attn_backend).to(q.dtype)
 
 
 class _Replicated:

@@ -1,30 +1,44 @@
-"""A sequence-parallel worker group: P Ray actors (one per rank) in one placement group.
+"""A sequence-parallel worker group: P Ray actors (one per rank) in one placement group, and its scheduler.
 
-The group driver fans every call out to all P ranks with the same arguments; the ranks talk to each
-other through a torch.distributed group (NCCL when each actor has a GPU, gloo otherwise) that is
-initialised from rank 0's node address and a free port (Ray Train's recipe). Long calls stream from
-rank 0: a create or an append yields `Progress` after every prefill chunk (from inside the engine),
-then the session's `SessionInfo`; a generate yields token ids, then a `GenerationEnd`. Everything
+The ranks talk to each other through a torch.distributed group (NCCL when each actor has a GPU, gloo
+otherwise) initialised from rank 0's node address and a free port (Ray Train's recipe). Work runs in
+steps: the group's `Scheduler` (workers/scheduler.py) decides each step, `run_step` sends the same
+`StepPlan` to every rank and each rank's `StepExecutor` runs it. Requests (`submit`, or the
+`create` / `append` / `generate` conveniences) stream their results through a `Handle`; everything
 that comes back is a type from `protocol.py`.
 
-Failure: every collective has a timeout, and every call the driver waits on has one too. A rank
-that dies (or a collective that times out) marks the group unhealthy and raises `GroupUnhealthy`
-with the reason, instead of hanging; the caller rebuilds the group (a persisted session can then be
-restored on the new one).
+Control calls never wait behind compute: each rank actor has a "control" concurrency group of its
+own threads, so describe, stats, sessions, tier ticks, TTL changes, restores and flushes are answered
+while the rank's step thread computes (they touch the KV store under its lock, never the process
+group). Deletes go through the scheduler: they end the session's running request and free its pages
+at the next step boundary. The KV tier policy runs on the group's own tick (`kv_tick_s`).
+
+Failure: every collective has a timeout, and every call the driver waits on has one too. A rank that
+dies, a collective that fails, or a step that raises on some rank (the ranks may have diverged)
+marks the group unhealthy and raises `GroupUnhealthy` with the reason, instead of hanging; every
+request of the group then fails with it (UNAVAILABLE), and the owner rebuilds the group (a persisted
+session can then be restored on the new one). A request's own failure (a bad prompt, no pages, a
+sampling error) is not a group failure: the executor agrees on it across ranks and fails that request.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, replace
 from typing import Iterator, Sequence
 
-from .protocol import (GenerationEnd, GroupUnhealthy, KVNotFoundError, Progress, RankStats, SessionError,
-                       SessionInfo, Tier, TierBytes, TierMove)
-from .sampling import SamplingParams
+import ray
+
+from .plan import StepPlan, StepResult
+from .protocol import (GenerationEnd, GroupUnhealthy, KVNotFoundError, Progress, RankStats, SamplingParams,
+                       SessionError, SessionInfo, Tier, TierBytes, TierMove)
+from .scheduler import Handle, Scheduler, SchedulerConfig
+
+CONTROL = "control"  # the rank actors' concurrency group for calls answered while a step runs
 
 
 @dataclass(frozen=True)
@@ -50,19 +64,12 @@ class GroupConfig:
     kv_host_idle_s: float = 3600.0  # ... and this long, host -> Redis
     kv_cold_idle_s: float = 60.0  # a cold session idle this long moves to Redis
     kv_namespace: str = "sp"  # keys name "{kv_namespace}{P}-r{rank}", so a new group of the same P restores
-
-
-class _Throttle:
-    """Progress at most every `every` tokens, and always the last one."""
-
-    def __init__(self, every: int):
-        self.every, self.last = max(0, every), 0
-
-    def due(self, p: Progress) -> bool:
-        if p.done >= p.total or p.done - self.last >= self.every:
-            self.last = p.done
-            return True
-        return False
+    kv_tick_s: float = 1.0  # the KV tier policy (idle demotion, watermarks, retries) runs this often; 0 = never
+    # the scheduler (workers/scheduler.py)
+    step_tokens: int = 0  # prefill tokens per step shared by waiting prefills; 0 = one prefill chunk
+    max_running: int = 64  # requests admitted at once (bounds the decode batch)
+    max_waiting: int = 1024  # queued requests beyond that are refused (RESOURCE_EXHAUSTED)
+    queue_timeout_s: float = 60.0  # a request waiting for KV pages fails after this
 
 
 class ShardWorker:
@@ -90,6 +97,7 @@ class ShardWorker:
         import torch.distributed as dist
 
         from .engine import ShardEngine, default_kv_device_bytes
+        from .executor import StepExecutor
         from .kvpages import PageGeometry
         from .kvpolicy import IdlePolicy, TierCapacity
         from .kvstore import KVStore
@@ -117,44 +125,25 @@ class ShardWorker:
         self.engine = ShardEngine(loaded, dist.group.WORLD, store=store, max_context=max_context,
                                   prefill_chunk=c.prefill_chunk, block=c.block, timeout_s=c.collective_timeout_s,
                                   beyond_model=c.max_context_beyond_model)
+        self.executor = StepExecutor(self.engine, describe=self.describe)
         return {"rank": self.rank, "pid": os.getpid(), "device": self.device,
                 "backend": "nccl" if use_nccl else "gloo", "fingerprint": loaded.fingerprint,
                 "max_context": self.engine.limit.max_tokens, "prefill_chunk": self.engine.prefill_chunk,
                 "kv_device_bytes": device_bytes, "page_bytes": geometry.page_bytes}
 
-    # -- streaming calls (rank 0 streams; the other ranks run the `_all` twin) --------------------------
+    # -- the step (the default concurrency group: one at a time, in plan order) -----------------------
 
-    def create(self, sid: str, ids: list[int], opts: dict, progress_every: int = 0) -> Iterator[Progress | SessionInfo]:
-        yield from self._timed(self.engine.prefill_steps(sid, ids, **opts), progress_every)
-        yield self.describe(sid)
-
-    def append(self, sid: str, ids: list[int], progress_every: int = 0) -> Iterator[Progress | SessionInfo]:
-        yield from self._timed(self.engine.append_steps(sid, ids), progress_every)
-        yield self.describe(sid)
-
-    def generate(self, sid: str, ids: list[int], params: dict, retain: bool) -> Iterator[int | GenerationEnd]:
-        from .engine import GenerationStats
-
-        stats = GenerationStats()
-        yield from self.engine.generate(sid, ids, SamplingParams(**params), retain=retain, stats=stats)
-        yield GenerationEnd(stats.stop_reason, stats.prompt_tokens, stats.generated_tokens, stats.retained_tokens)
-
-    def run_all(self, method: str, *args) -> None:
-        """What ranks 1..P-1 run for a streaming call: the same work, nothing streamed back."""
-        for _ in getattr(self, method)(*args):
-            pass
-
-    def _timed(self, steps, progress_every: int):
-        throttle, t0 = _Throttle(progress_every), time.perf_counter()
+    def step(self, plan: StepPlan) -> StepResult:
+        t0 = time.perf_counter()
         try:
-            for p in steps:
-                if throttle.due(p):
-                    yield p
+            return self.executor.step(plan)
         finally:
-            self._busy_s += time.perf_counter() - t0
+            if plan.prefill:
+                self._busy_s += time.perf_counter() - t0
 
     # -- control calls -------------------------------------------------------------------------------
 
+    @ray.method(concurrency_group=CONTROL)
     def describe(self, sid: str) -> SessionInfo:
         """This rank's view of a session (kv_bytes and local tokens of this rank only)."""
         st = self.engine.store
@@ -168,6 +157,7 @@ class ShardWorker:
         return SessionInfo(sid, length, Tier(state.tier) if state.tier else None, state.kind, moves, retention,
                            state.nbytes, (state.tokens,), state.persisted_tokens)
 
+    @ray.method(concurrency_group=CONTROL)
     def sessions(self) -> dict[str, SessionInfo]:
         out = {}
         for sid in self.engine.store.sessions():
@@ -177,16 +167,16 @@ class ShardWorker:
                 pass
         return out
 
+    @ray.method(concurrency_group=CONTROL)
     def restore(self, sid: str) -> SessionInfo:
         self.engine.restore(sid)
         return self.describe(sid)
 
+    @ray.method(concurrency_group=CONTROL)
     def flush(self) -> None:
         self.engine.store.flush()
 
-    def drop(self, sid: str) -> None:
-        self.engine.drop(sid)
-
+    @ray.method(concurrency_group=CONTROL)
     def stats(self) -> RankStats:
         st = self.engine.store
         s = st.stats()
@@ -201,28 +191,33 @@ class ShardWorker:
                          busy_s=self._busy_s, modes=dict(self.engine.mode_counts), counters=st.counters(),
                          redis_degraded=bool(t["redis"]["degraded"]))
 
+    @ray.method(concurrency_group=CONTROL)
     def tick(self) -> list[tuple[str, str, str]]:
         """Apply the retention policy now (idle demotion, watermarks, write-through retries)."""
         return self.engine.store.tick()
 
+    @ray.method(concurrency_group=CONTROL)
     def set_ttl(self, sid: str, ttl_s: float | None) -> None:
         st = self.engine.store
         st.set_expiry(sid, st.clock() + ttl_s if ttl_s else None)
 
+    @ray.method(concurrency_group=CONTROL)
     def ping(self) -> int:
         return self.rank
 
+    @ray.method(concurrency_group=CONTROL)
     def pid(self) -> int:
         return os.getpid()
 
 
 class WorkerGroup:
-    """P rank actors in one placement group (one bundle per rank), driven in lockstep."""
+    """P rank actors in one placement group (one bundle per rank), driven in lockstep by a scheduler."""
 
     def __init__(self, cfg: GroupConfig = GroupConfig(), *, name: str | None = None):
-        import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from .loader import load_tokenizer
 
         self.cfg, self.name = cfg, name or f"group-{uuid.uuid4().hex[:8]}"
         self.healthy, self.reason = True, ""
@@ -231,7 +226,7 @@ class WorkerGroup:
             bundle["GPU"] = cfg.num_gpus_per_rank
         self.pg = placement_group([dict(bundle) for _ in range(cfg.sp)], strategy=cfg.strategy)
         ray.get(self.pg.ready(), timeout=cfg.call_timeout_s)
-        actor = ray.remote(ShardWorker)
+        actor = ray.remote(concurrency_groups={CONTROL: 4})(ShardWorker)
         self.ranks = [
             actor.options(num_cpus=cfg.num_cpus_per_rank, num_gpus=cfg.num_gpus_per_rank,
                           scheduling_strategy=PlacementGroupSchedulingStrategy(
@@ -240,12 +235,20 @@ class WorkerGroup:
             for r in range(cfg.sp)]
         addr, port = ray.get(self.ranks[0].node_address.remote(), timeout=cfg.call_timeout_s)
         self.info = self._all([a.setup.remote(addr, port) for a in self.ranks])
+        sched = SchedulerConfig(prefill_chunk=self.info[0]["prefill_chunk"], step_tokens=cfg.step_tokens,
+                                max_running=cfg.max_running, max_waiting=cfg.max_waiting,
+                                queue_timeout_s=cfg.queue_timeout_s)
+        self.scheduler = Scheduler(self.run_step, sched, load_tokenizer(cfg.model), name=f"{self.name}-scheduler",
+                                   on_broken=lambda e: self.healthy and self._fail(f"its scheduler stopped: {e}"))
+        self._stop = threading.Event()
+        if cfg.kv_tick_s > 0:
+            threading.Thread(target=self._tick_loop, name=f"{self.name}-kv-tick", daemon=True).start()
 
     # -- fan-out helpers
 
     def _all(self, refs):
-        import ray
-
+        """Wait for one control call on every rank. A request's error (an unknown session) is raised as
+        it is; a rank that died or stopped answering makes the group unhealthy."""
         if not self.healthy:
             raise GroupUnhealthy(f"{self.name} is unhealthy: {self.reason}")
         try:
@@ -257,51 +260,21 @@ class WorkerGroup:
             self._fail(f"a rank died: {type(e).__name__}")
             raise GroupUnhealthy(f"{self.name}: {self.reason}") from e
         except ray.exceptions.RayTaskError as e:
-            cause = e.cause if hasattr(e, "cause") else e
-            if _is_collective_failure(cause):
-                self._fail(f"a collective failed: {cause}")
-                raise GroupUnhealthy(f"{self.name}: {self.reason}") from e
-            # a request error (unknown session, prompt too long): the same on every rank, group fine
-            self._settle(refs)
-            raise cause from None
-
-    def _settle(self, refs):
-        """Wait for the other ranks of a failed call so the group stays in lockstep."""
-        import ray
-
-        for r in refs:
-            try:
-                ray.get(r, timeout=self.cfg.call_timeout_s)
-            except Exception:
-                pass
+            raise (e.cause if getattr(e, "cause", None) is not None else e) from None
 
     def _fail(self, reason: str):
         self.healthy, self.reason = False, reason
 
-    def _stream(self, method: str, *args) -> Iterator:
-        """Items streamed by rank 0's `method` while the other ranks run it along (`run_all`)."""
-        import ray
-
-        if not self.healthy:
-            raise GroupUnhealthy(f"{self.name} is unhealthy: {self.reason}")
-        others = [a.run_all.remote(method, *args) for a in self.ranks[1:]]
-        stream = getattr(self.ranks[0], method).options(num_returns="streaming").remote(*args)
+    def run_step(self, plan: StepPlan) -> list[StepResult]:
+        """One step on every rank. Any exception on a rank fails the group: the ranks may have diverged
+        (requests' own failures come back as events, never as exceptions)."""
         try:
-            while True:
-                ready, _ = ray.wait([stream], timeout=self.cfg.call_timeout_s)
-                if not ready:
-                    self._fail(f"rank 0 sent nothing within {self.cfg.call_timeout_s:.0f} s")
-                    raise GroupUnhealthy(f"{self.name}: {self.reason}")
-                try:
-                    ref = next(stream)
-                except StopIteration:
-                    break
-                yield self._all([ref])[0]
-        except BaseException:
-            if self.healthy:
-                self._settle(others)
+            return self._all([a.step.remote(plan) for a in self.ranks])
+        except GroupUnhealthy:
             raise
-        self._all(others)
+        except Exception as e:
+            self._fail(f"step {plan.step} failed on a rank: {type(e).__name__}")
+            raise GroupUnhealthy(f"{self.name}: {self.reason}") from e
 
     def _merge(self, infos: list[SessionInfo]) -> SessionInfo:
         """Rank 0's view of a session with bytes and tokens summed over the ranks."""
@@ -309,41 +282,65 @@ class WorkerGroup:
         return replace(first, kv_bytes=sum(i.kv_bytes for i in infos),
                        local_tokens=tuple(t for i in infos for t in i.local_tokens))
 
-    # -- the API
+    def _tick_loop(self) -> None:
+        while not self._stop.wait(self.cfg.kv_tick_s):
+            if not self.healthy:
+                return
+            try:
+                self.tick()
+            except Exception:  # a rank died: the next request finds the group unhealthy
+                pass
+
+    # -- requests (through the scheduler)
+
+    def submit(self, kind: str, sid: str, ids: Sequence[int], **kw) -> Handle:
+        """Queue a request ("create", "append", "generate"); its results stream from the Handle. kw:
+        opts, sampling, retain, stop_ids, stops, progress_every, loop (an asyncio loop to stream to)."""
+        if not self.healthy:
+            raise GroupUnhealthy(f"{self.name} is unhealthy: {self.reason}")
+        return self.scheduler.submit(kind, sid, list(ids), **kw)
 
     def create(self, sid: str, ids: Sequence[int], *, progress_every: int = 0, **opts) -> Iterator[Progress | SessionInfo]:
         """Create a session: Progress after prefill chunks (at most every `progress_every` tokens, and
         the last), then its SessionInfo. opts: retention, persist, ttl_s, allow_quantized."""
-        for item in self._stream("create", sid, list(ids), opts, progress_every):
-            if isinstance(item, Progress):
-                yield item
-        yield self.describe(sid)
+        for item in self.submit("create", sid, ids, opts=opts, progress_every=progress_every):
+            yield self.describe(sid) if isinstance(item, SessionInfo) else item
 
     def prefill(self, sid: str, ids: Sequence[int], **opts) -> SessionInfo:
         """`create` without the progress: returns the session."""
         return _last(self.create(sid, ids, **opts))
 
     def append(self, sid: str, ids: Sequence[int], *, progress_every: int = 0) -> Iterator[Progress | SessionInfo]:
-        for item in self._stream("append", sid, list(ids), progress_every):
-            if isinstance(item, Progress):
-                yield item
-        yield self.describe(sid)
+        for item in self.submit("append", sid, ids, progress_every=progress_every):
+            yield self.describe(sid) if isinstance(item, SessionInfo) else item
 
     def extend(self, sid: str, ids: Sequence[int]) -> SessionInfo:
         """`append` without the progress."""
         return _last(self.append(sid, ids))
 
     def generate_stream(self, sid: str, ids: Sequence[int], params: SamplingParams = SamplingParams(), *,
-                        retain: bool = False) -> Iterator[int | GenerationEnd]:
-        """Token ids from rank 0 while the other ranks run along, then a GenerationEnd."""
-        yield from self._stream("generate", sid, list(ids), asdict(params), retain)
+                        retain: bool = False, stops: Sequence[str] = ()) -> Handle:
+        """Token ids, then a GenerationEnd. `stops`: strings that end the generation here, in the group."""
+        return self.submit("generate", sid, ids, sampling=params, retain=retain, stops=tuple(stops))
 
     def generate(self, sid: str, ids: Sequence[int], params: SamplingParams = SamplingParams(), *,
-                 retain: bool = False) -> Iterator[int]:
+                 retain: bool = False, stops: Sequence[str] = ()) -> Iterator[int]:
         """The token ids of `generate_stream`."""
-        for item in self.generate_stream(sid, ids, params, retain=retain):
-            if isinstance(item, int):
-                yield item
+        h = self.generate_stream(sid, ids, params, retain=retain, stops=stops)
+        try:
+            for item in h:
+                if isinstance(item, int):
+                    yield item
+        finally:
+            h.cancel()  # a consumer that stops reading stops the work
+
+    def drop(self, sid: str) -> None:
+        """Delete a session on every rank at the next step boundary (its running request ends first)."""
+        self.scheduler.drop(sid).result(timeout=self.cfg.call_timeout_s)
+        if self.scheduler.broken is not None:
+            raise GroupUnhealthy(f"{self.name}: {self.scheduler.broken}")
+
+    # -- control calls (answered while a step runs)
 
     def restore(self, sid: str) -> SessionInfo:
         """Adopt a session persisted to Redis by another group with the same number of ranks."""
@@ -352,9 +349,6 @@ class WorkerGroup:
     def flush(self) -> None:
         """Wait until every rank's pending write-through reached Redis."""
         self._all([a.flush.remote() for a in self.ranks])
-
-    def drop(self, sid: str) -> None:
-        self._all([a.drop.remote(sid) for a in self.ranks])
 
     def sessions(self) -> dict[str, SessionInfo]:
         """Every session rank 0 holds, with bytes and tokens summed over the ranks."""
@@ -366,8 +360,7 @@ class WorkerGroup:
         return self._all([a.stats.remote() for a in self.ranks])
 
     def tick(self) -> list[tuple[str, str, str]]:
-        """Apply every rank's retention policy now; rank 0's moves as (session, from, to). Ranks hold
-        equal shares and see the same accesses, so they move the same sessions."""
+        """Apply every rank's retention policy now; rank 0's moves as (session, from, to)."""
         return self._all([a.tick.remote() for a in self.ranks])[0]
 
     def set_ttl(self, sid: str, ttl_s: float | None) -> None:
@@ -378,18 +371,19 @@ class WorkerGroup:
         return self._merge(self._all([a.describe.remote(sid) for a in self.ranks]))
 
     def check_health(self, timeout_s: float = 10.0) -> bool:
-        import ray
-
         try:
             ray.get([a.ping.remote() for a in self.ranks], timeout=timeout_s)
         except Exception as e:
             self._fail(f"health check failed: {type(e).__name__}")
+        if self.scheduler.broken is not None:
+            self._fail(f"its scheduler stopped: {self.scheduler.broken}")
         return self.healthy
 
     def shutdown(self):
-        import ray
         from ray.util.placement_group import remove_placement_group
 
+        self._stop.set()
+        self.scheduler.close()
         for a in self.ranks:
             try:
                 ray.kill(a)
@@ -406,13 +400,3 @@ def _last(items: Iterator):
     for out in items:
         pass
     return out
-
-
-def _is_collective_failure(e: BaseException) -> bool:
-    from .ring import CommTimeout
-
-    if isinstance(e, CommTimeout):
-        return True
-    text = str(e)
-    return any(s in text for s in ("Connection closed by peer", "Timed out", "timed out", "Connection reset",
-                                   "gloo", "NCCL", "Broken pipe"))

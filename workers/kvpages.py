@@ -210,6 +210,8 @@ class KVView:
 
     def __init__(self, pool: PagePool, pages: list[int], length: int, session: str = ""):
         self.pool, self.pages, self.length, self.session = pool, pages, length, session
+        self.owner = None  # the store's record of the session while the view is leased
+        self.prereserved = False  # pages for the whole request were reserved up front (by every rank)
         self._table: torch.Tensor | None = None
         self._table_len = -1
 

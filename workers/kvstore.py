@@ -178,10 +178,9 @@ class KVStore:
             self._sessions[session_id] = s
             return self._state(s)
 
-    @contextmanager
-    def lease(self, session_id: str) -> Iterator[KVView]:
-        """The session's pages on the device tier for one request: promoted first if needed, pinned (never
-        demoted or freed) until the block ends. On exit, slots past the committed length are dropped."""
+    def acquire(self, session_id: str) -> KVView:
+        """The session's pages on the device tier for one request: promoted first if needed and pinned
+        (never demoted or freed) until `release(view)`."""
         with self._lock:
             s = self._session(session_id)
             s.last_access = self.clock()
@@ -189,14 +188,30 @@ class KVStore:
                 self._promote(s)
             s.pins += 1
             view = KVView(self.pools["device"], s.pages, s.tokens, s.id)
+            view.owner = s
+            return view
+
+    def release(self, view: KVView) -> None:
+        """End a request on the session: slots past the committed length are dropped and the pin goes
+        (a session deleted meanwhile is freed now). Call once per `acquire`."""
+        with self._lock:
+            s = view.owner
+            view.owner = None
+            if s is None:
+                return
+            if not s.dead:
+                self._trim(s, s.tokens)
+                s.last_access = self.clock()
+            self._unpin(s)
+
+    @contextmanager
+    def lease(self, session_id: str) -> Iterator[KVView]:
+        """`acquire` ... `release` as a block."""
+        view = self.acquire(session_id)
         try:
             yield view
         finally:
-            with self._lock:
-                if not s.dead:
-                    self._trim(s, s.tokens)
-                    s.last_access = self.clock()
-                self._unpin(s)
+            self.release(view)
 
     def reserve(self, session_id: str, tokens: int) -> None:
         """Pages for storage [0, tokens) of a leased session (demoting LRU sessions to make room).

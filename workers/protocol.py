@@ -118,6 +118,59 @@ class GroupUnhealthy(RingserveError, RuntimeError):
     grpc_code = "UNAVAILABLE"
 
 
+class RequestCancelled(RingserveError):
+    """The request was cancelled (its client left, its deadline passed, or its session was deleted)."""
+
+    grpc_code = "CANCELLED"
+
+
+class QueueFull(RingserveError):
+    """The group's queue is full, or a request waited longer than the queue allows for its pages."""
+
+    grpc_code = "RESOURCE_EXHAUSTED"
+
+
+class SamplingError(RingserveError):
+    """Sampling found no valid next token (non-finite logits): the request fails, the group goes on."""
+
+    grpc_code = "INVALID_ARGUMENT"
+
+
+# ------------------------------------------------------------------------------------------------ sampling
+
+GREEDY_BELOW = 1e-5  # a temperature under this is greedy (vLLM's rule): 1/T would overflow fp32 logits
+MAX_TEMPERATURE = 10.0
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How the next token is chosen. The one place these values are checked (the Gateway turns a
+    ValueError from here into INVALID_ARGUMENT)."""
+
+    temperature: float = 0.0  # < GREEDY_BELOW: greedy
+    top_k: int = 0  # 0 = no limit
+    top_p: float = 1.0  # nucleus mass kept, in (0, 1]
+    seed: int | None = None  # a fixed seed makes sampling reproducible
+    max_tokens: int = 256
+
+    def __post_init__(self):
+        import math
+
+        if not math.isfinite(self.temperature) or not 0 <= self.temperature <= MAX_TEMPERATURE:
+            raise ValueError(f"temperature must be a finite number in [0, {MAX_TEMPERATURE:g}] (below "
+                             f"{GREEDY_BELOW:g}: greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not (0 < self.top_p <= 1):  # also refuses NaN
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_tokens < 0:
+            raise ValueError(f"max_tokens must be >= 0, got {self.max_tokens}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
+
+
 # ------------------------------------------------------------------------------------------------ limits
 
 
@@ -147,6 +200,13 @@ class ContextLimit:
                 f"the session holds {length} tokens; a {n_prompt}-token prompt leaves no room for an answer "
                 f"under the limit of {self.max_tokens} tokens per session")
         return min(max_new, room)
+
+
+def stop_at(text: str, stops) -> int | None:
+    """Where the first of the stop strings starts in `text`, or None: the one rule the group (which ends
+    the generation) and the Gateway (which cuts the text) share."""
+    hits = [text.find(s) for s in stops if s and s in text]
+    return min(hits) if hits else None
 
 
 # ------------------------------------------------------------------------------------------------ events
@@ -252,6 +312,23 @@ class RankStats:
 
 
 @dataclass(frozen=True)
+class SchedulerStats:
+    """A group scheduler's state, answered between steps (never waits for one)."""
+
+    waiting: int = 0  # requests queued
+    running: int = 0  # requests admitted (leased, pages reserved)
+    prefilling: int = 0  # ... of them still prefilling
+    decoding: int = 0  # ... of them in the decode batch
+    steps: int = 0
+    last_batch: int = 0  # tokens decoded in the last step (its decode batch size)
+    last_prefill_tokens: int = 0  # tokens prefilled in the last step
+    prefill_tokens: int = 0  # cumulative
+    decode_tokens: int = 0  # cumulative
+    preemptions: int = 0  # times a started prefill yielded a step to other requests
+    last_step_s: float = 0.0
+
+
+@dataclass(frozen=True)
 class GroupCapacity:
     group: str
     healthy: bool
@@ -260,6 +337,7 @@ class GroupCapacity:
     kv_bytes: TierBytes
     ranks: tuple[RankStats, ...] = ()
     rebuilds: int = 0
+    scheduler: SchedulerStats = field(default_factory=SchedulerStats)
 
 
 @dataclass(frozen=True)

@@ -273,11 +273,16 @@ def replicated_attention(group, q: torch.Tensor, kv: KVView, layer: int, kv_len:
     own pages (query t sees storage slots [0, kv_len[t]): the stored keys at positions <= its own),
     and one all-gather merges the partial (out, lse) in rank order (so every rank computes
     bit-identical outputs). Returns out fp32 (T, H, D)."""
-    T, H, D = q.shape
-    o, l = attend_paged(q, kv, layer, kv_len, scale, backend)
+    return merge_across_ranks(group, *attend_paged(q, kv, layer, kv_len, scale, backend))
+
+
+def merge_across_ranks(group, o: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+    """Every rank's partial (out (T, H, D), lse (T, H)) of the same queries, merged by one all-gather in
+    rank order, so every rank computes bit-identical outputs. Returns out fp32 (T, H, D)."""
     P = dist.get_world_size(group) if group is not None else 1
     if P == 1:
         return o
+    D = o.shape[-1]
     packed = torch.cat([o, l.unsqueeze(-1)], dim=-1)  # (T, H, D+1): one collective per layer
     parts = [torch.empty_like(packed) for _ in range(P)]
     dist.all_gather(parts, packed, group=group)
@@ -285,6 +290,30 @@ def replicated_attention(group, q: torch.Tensor, kv: KVView, layer: int, kv_len:
     for p in parts[1:]:
         merge_attention(out, lse, p[..., :D].contiguous(), p[..., D].contiguous())
     return out
+
+
+def batch_decode_attention(group, q: torch.Tensor, kvs: list[KVView], layer: int, kv_len: torch.Tensor,
+                           scale: float, backend: str = "auto") -> torch.Tensor:
+    """A decode batch: query b (of q (B, H, D)) attends storage slots [0, kv_len[b]) of session b's
+    pages on this rank; with several ranks one all-gather merges the partials of the whole batch in
+    rank order. Returns out fp32 (B, H, D)."""
+    B, H, D = q.shape
+    if q.device.type != "cpu" or backend == "triton":  # one kernel call for the batch
+        width = max(len(kv.pages) for kv in kvs) or 1
+        table = torch.zeros(B, width, dtype=torch.int32)
+        for b, kv in enumerate(kvs):
+            table[b, :len(kv.pages)] = torch.as_tensor(kv.pages, dtype=torch.int32)
+        kp, vp = kvs[0].layer(layer)
+        o, l = paged_attention(q.unsqueeze(1), kp, vp, table.to(q.device), kv_len.to(q.device).view(B, 1),
+                               max_len=int(kv_len.max()), scale=scale, out_dtype=torch.float32,
+                               backend="triton" if backend == "triton" else "auto")
+        o, l = o[:, 0], l[:, 0]
+    else:
+        o = torch.zeros(B, H, D, dtype=torch.float32)
+        l = torch.full((B, H), float("-inf"), dtype=torch.float32)
+        for b, kv in enumerate(kvs):
+            o[b:b + 1], l[b:b + 1] = attend_paged(q[b:b + 1], kv, layer, int(kv_len[b]), scale, backend)
+    return merge_across_ranks(group, o, l)  # one collective per layer for the whole batch
 
 
 PASS_Q_MAX_TOKENS = 4096  # a call longer than this always prefills with the ring

@@ -32,8 +32,9 @@ def test_service_path_equals_one_prefill_and_keeps_kv_in_place(tiny_dir, P):
     assert r0["progress"] == [(min(37 * i, 123), 123) for i in range(1, 5)]
     assert r0["create_modes"] == ["ring"] * 4
     svc_modes = [m for s, m in r0["modes"] if s == "svc"]
-    assert svc_modes == ["ring"] * 4 + ["ring"] + ["replicated"] * (1 + ANSWER) + ["ring"] * 2 + \
-        ["replicated"] * ANSWER  # create; append; retained turn (prompt + each answer token); append; question
+    # create; append; the retained turn's prompt (pass-Q); the second append; the question (decode steps are
+    # batches, not prefill chunks)
+    assert svc_modes == ["ring"] * 4 + ["ring"] + ["replicated"] + ["ring"] * 2 + ["replicated"]
     for r in res:
         assert r["length"] == len(tokens) and r["after_create"] == len(context)
         # logits after each append equal one prefill's at that position

@@ -69,7 +69,7 @@ def test_empty_prompt_and_bad_ids(tiny_dir):
 def test_bad_sampling_parameters():
     with pytest.raises(ValueError, match="top_p must be in"):
         SamplingParams(top_p=0.0)
-    with pytest.raises(ValueError, match="temperature must be >= 0"):
+    with pytest.raises(ValueError, match=r"temperature must be a finite number in \[0, 10\]"):
         SamplingParams(temperature=-1)
 
 
