@@ -140,7 +140,7 @@ class Gateway:
         # Serve turns an exception raised after set_code into that status (streams included)
         raise RuntimeError(msg) from None
 
-    def _record(self, name: str, tenant: str) -> SessionRecord:
+    def _record(self, name: str, tenant: str, *, creating_ok: bool = False) -> SessionRecord:
         m = NAME_RE.match(name or "")
         if not m:
             raise RpcError(grpc.StatusCode.INVALID_ARGUMENT,
@@ -152,7 +152,7 @@ class Gateway:
             self._delete(rec, rec.expire_time)
             raise RpcError(grpc.StatusCode.NOT_FOUND, f"session {rec.id} expired at "
                            f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(rec.expire_time))} and was deleted")
-        if rec.state != "ready":
+        if rec.state != "ready" and not creating_ok:
             raise RpcError(grpc.StatusCode.FAILED_PRECONDITION, f"session {rec.id} is still being created; retry shortly")
         return rec
 
@@ -366,6 +366,9 @@ class Gateway:
                 self.registry.delete(rec)
                 raise
             self._prefilled(len(ids), time.perf_counter() - t_prefill)
+            if self.registry.get(rec.id) is None:  # deleted while its prefill finished: the delete wins
+                await self.groups[rec.group].delete.remote(rec.id)
+                raise RpcError(grpc.StatusCode.NOT_FOUND, f"session {rec.id} was deleted while it was being created")
             rec.state, rec.update_time = "ready", time.time()
             try:  # metered from the commit of its creation; billed its prefill
                 last = info.moves[-1] if info.moves else None
@@ -467,7 +470,7 @@ class Gateway:
     async def DeleteSession(self, request: pb.DeleteSessionRequest, grpc_context=None):
         try:
             tenant, _ = self._auth(grpc_context)
-            rec = self._record(request.name, tenant)
+            rec = self._record(request.name, tenant, creating_ok=True)  # a delete cancels a create in progress
             await asyncio.get_running_loop().run_in_executor(None, self._delete, rec, time.time())
         except Exception as e:
             self._fail(grpc_context, e)

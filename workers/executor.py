@@ -56,12 +56,14 @@ class _Active:
 class StepExecutor:
     """Runs step plans on one rank. `describe` builds the SessionInfo a finished create / append reports."""
 
-    def __init__(self, engine: ShardEngine, describe=None, *, keep_logits: bool = False):
+    def __init__(self, engine: ShardEngine, describe=None, *, keep_logits: bool = False, record_top2: bool = False):
         self.eng = engine
         self.describe = describe
         self.active: dict[str, _Active] = {}
         self.keep_logits = keep_logits  # the engine's own calls want a create's / append's last logits
         self.last_logits: dict[str, torch.Tensor] = {}
+        self.record_top2 = record_top2  # rank 0: the two largest logits of every sampled step (to tell ties)
+        self.top2: dict[str, list[tuple[float, float]]] = {}
 
     # -- one step ------------------------------------------------------------------------------------
 
@@ -210,6 +212,10 @@ class StepExecutor:
         eng = self.eng
         if eng.rank == 0:
             tokens, errors = sample_batch(logits, [a.req.sampling for a in acts], [a.generator for a in acts])
+            if self.record_top2:
+                top = logits.float().topk(2, dim=-1).values.tolist()
+                for a, (v1, v2) in zip(acts, top):
+                    self.top2.setdefault(a.req.id, []).append((v1, v2))
         else:
             tokens, errors = [0] * len(acts), [""] * len(acts)
         if eng.group is not None:

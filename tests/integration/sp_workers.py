@@ -87,3 +87,38 @@ def long_create_modes(rank, world, model_spec, n_tokens, chunk):
     eng.prefill("long", ids, progress=lambda d, t: progress.append((d, t)))
     return {"modes": [(m.mode, m.tokens, m.context) for m in eng.modes], "progress": progress,
             "local": eng.store.state("long").tokens, "ring_steps": eng.comm.steps}
+
+
+def batch_vs_solo(rank, world, model_spec, contexts, questions, n_tokens, sampling):
+    """Every session answered alone, then all at once in decode batches: the tokens of each, the solo
+    runs' top-2 logits per step (rank 0), and the largest decode batch the scheduler formed."""
+    from ringserve.workers.engine import ShardEngine
+    from ringserve.workers.executor import StepExecutor
+    from ringserve.workers.loader import load_model
+    from ringserve.workers.protocol import SamplingParams
+    from ringserve.workers.scheduler import SchedulerConfig, SchedulerCore, run_local
+
+    group = dist.group.WORLD if world > 1 else None
+    eng = ShardEngine(load_model(model_spec), group, prefill_chunk=64, block=8, kv_device_bytes=8 << 20)
+    for i, ctx in enumerate(contexts):
+        eng.prefill(f"s{i}", ctx)
+    core = SchedulerCore(SchedulerConfig(eng.prefill_chunk))
+    ex = StepExecutor(eng, record_top2=True)
+    params = [SamplingParams(max_tokens=n_tokens, **sampling, **({"seed": 100 + i} if sampling else {}))
+              for i in range(len(contexts))]
+    solo, top2 = [], []
+    for i, q in enumerate(questions):
+        h = core.submit("generate", f"s{i}", q, sampling=params[i], stop_ids=())
+        solo.append([x for x in run_local(core, ex, h) if isinstance(x, int)])
+        top2.append(ex.top2.pop(h.id, []))
+    handles = [core.submit("generate", f"s{i}", q, sampling=params[i], stop_ids=()) for i, q in enumerate(questions)]
+    batch = [[] for _ in handles]
+    biggest = 0
+    while not all(h.done for h in handles):
+        plan = core.plan()
+        biggest = max(biggest, len(plan.decode))
+        core.apply(plan, [ex.step(plan)])
+        for i, h in enumerate(handles):
+            batch[i] += [x for x in h.pending() if isinstance(x, int)]
+    lengths = [eng.length(f"s{i}") for i in range(len(contexts))]
+    return {"solo": solo, "batch": batch, "top2": top2, "biggest": biggest, "lengths": lengths}

@@ -1,0 +1,196 @@
+"""The group scheduler over the real gRPC path: no head-of-line blocking behind a long create, control
+calls that answer while it runs, bad requests that fail alone, cancellation and stop strings that end
+the work in the group, and a delete during a create that frees its pages. One group of SP = 2 (gloo),
+the default model, a real redis-server, a real local Ray Serve."""
+
+import random
+import threading
+import time
+
+import pytest
+
+from ringserve.client import Client, errors
+
+ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.slow
+
+KEY = "key-sched"
+WORDS = ("the archive holds letters ledgers and maps of the old harbour its ships and the merchants who traded "
+         "there and the storms that closed it for weeks at a time").split()
+
+
+def text(n_words: int, seed: int) -> str:
+    rng = random.Random(seed)
+    return " ".join(rng.choice(WORDS) for _ in range(n_words))
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from ray import serve
+
+    from ringserve.cluster.config import ApiKey, ServeConfig
+    from ringserve.cluster.serve_app import LocalRedis, free_port, start
+
+    redis = LocalRedis()
+    port = free_port()
+    cfg = ServeConfig.from_dict({
+        "grpc_port": port, "http_port": free_port(), "redis_url": redis.url, "model": "default", "groups": 1,
+        "progress_chunk": 1,
+        "group": {"sp": 2, "num_cpus_per_rank": 0.25, "kv_device_bytes": 512 << 20, "kv_host_bytes": 256 << 20,
+                  "redis_url": redis.url, "prefill_chunk": 1024, "collective_timeout_s": 60, "call_timeout_s": 300},
+        "api_keys": [vars(ApiKey.from_plain(KEY, "tenant-s", admin=True))],
+    })
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start(cfg)
+    yield f"localhost:{port}"
+    serve.shutdown()
+    ray.shutdown()
+    redis.stop()
+
+
+@pytest.fixture(scope="module")
+def client(cluster):
+    with Client(cluster, api_key=KEY, timeout=300) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def group(cluster):
+    from ray import serve
+
+    return serve.get_deployment_handle("group-0", app_name="ringserve")
+
+
+def capacity(group):
+    return group.capacity.remote().result(timeout_s=30)
+
+
+def wait_for(cond, timeout: float, every: float = 0.05):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if cond():
+            return time.monotonic() - t0
+        time.sleep(every)
+    raise AssertionError(f"not within {timeout} s")
+
+
+class LongCreate:
+    """A create of >= 6K tokens in a thread, with the time of every progress event."""
+
+    def __init__(self, client, words: int = 6000, seed: int = 1):
+        self.events, self.error, self.session, self.end = [], None, None, None
+        self.t = threading.Thread(target=self._run, args=(client, words, seed), daemon=True)
+        self.t.start()
+
+    def _run(self, client, words, seed):
+        try:
+            self.session = client.create_session(text(words, seed), ttl="1h",
+                                                 progress=lambda d, t: self.events.append((time.monotonic(), d, t)))
+        except Exception as e:  # noqa: BLE001 - the test reads it
+            self.error = e
+        self.end = time.monotonic()
+
+    @property
+    def running(self) -> bool:
+        return self.end is None
+
+
+def test_no_head_of_line_blocking_behind_a_long_create(client, group):
+    short = client.create_session(text(200, 2), ttl="1h")
+    q = "Which places does the archive describe? Answer briefly."
+    create = LongCreate(client)
+    wait_for(lambda: len(create.events) >= 1, 120)  # its prefill is under way
+    assert create.running
+    # control calls answer while the create computes
+    t0 = time.monotonic()
+    st = client.status()
+    t_status = time.monotonic() - t0
+    t0 = time.monotonic()
+    again = client.get_session(short.name)
+    t_get = time.monotonic() - t0
+    assert create.running and again.size_tokens == short.size_tokens
+    assert t_status <= 0.5 and t_get <= 0.5, (t_status, t_get)
+    assert st.groups[0].healthy
+    # a Generate on another session streams its first token before the create is done
+    t0 = time.monotonic()
+    gen = short.generate(q, max_tokens=8)
+    first = next(iter(gen))
+    t_first = time.monotonic()
+    assert first is not None and create.running, "the first token waited for the whole create"
+    gen.text()
+    create.t.join(300)
+    assert create.error is None, create.error
+    assert create.session.size_tokens >= 6000 and t_first < create.end
+    assert create.events[-1][1] == create.events[-1][2] == create.session.size_tokens
+    sched = capacity(group).scheduler
+    assert sched.preemptions >= 1  # the create yielded steps to the short request's prompt
+    print(f"status {t_status:.3f} s, get_session {t_get:.3f} s, ttft {t_first - t0:.2f} s during a "
+          f"{create.session.size_tokens}-token create")
+    short.delete(), create.session.delete()
+
+
+def test_bad_sampling_values_fail_alone_and_the_group_goes_on(client, group):
+    a = client.create_session(text(120, 3), ttl="1h")
+    b = client.create_session(text(90, 4), ttl="1h")
+    before = capacity(group)
+    # a temperature below 1e-5 is greedy: answered normally, as greedy
+    tiny = a.generate("Say something.", temperature=1e-38, max_tokens=6).text()
+    greedy = a.generate("Say something.", max_tokens=6).text()
+    assert tiny == greedy
+    for kw, msg in [({"temperature": float("nan")}, "temperature"), ({"temperature": 1e9}, "temperature"),
+                    ({"top_p": 1.5}, "top_p"), ({"top_p": -0.1}, "top_p")]:
+        with pytest.raises(errors.InvalidArgument, match=msg):
+            a.generate("Say something.", max_tokens=4, **kw).text()
+    t0 = time.monotonic()
+    assert b.generate("And you?", max_tokens=4).text()
+    assert time.monotonic() - t0 < 5
+    after = capacity(group)
+    assert after.healthy and after.rebuilds == before.rebuilds == 0
+    a.delete(), b.delete()
+
+
+def test_cancel_leaves_the_batch_and_stop_strings_end_in_the_group(client, group):
+    s = client.create_session(text(150, 5), ttl="1h")
+    gen = s.generate("Write a very long story about the harbour.", max_tokens=400)
+    it = iter(gen)
+    for _ in range(5):
+        next(it)
+    decoded = capacity(group).scheduler.decode_tokens
+    gen.cancel()
+    wait_for(lambda: capacity(group).scheduler.running == 0, 10)  # the request left at a step boundary
+    # it stopped costing compute: far fewer than 400 tokens were decoded for it
+    assert capacity(group).scheduler.decode_tokens - decoded < 20
+    # a stop string ends the generation in the group: it decodes no token past the one completing it
+    free = s.generate("Write a very long story about the harbour.", max_tokens=40)
+    full = free.text()
+    cut = next(i for i in range(3, len(full)) if full[i] in " ,.") if len(full) > 4 else None
+    assert cut is not None, full
+    stop = full[max(0, cut - 3):cut + 1]
+    before = capacity(group).scheduler.decode_tokens
+    g = s.generate("Write a very long story about the harbour.", max_tokens=40, stop=[stop])
+    out = g.text()
+    assert stop not in out and full.startswith(out)
+    assert g.finish_reason == "stop_sequence" and g.usage.generated_tokens < 40
+    computed = capacity(group).scheduler.decode_tokens - before
+    assert computed <= g.usage.generated_tokens  # nothing computed after the stop (the first token comes from the prompt)
+    s.delete()
+
+
+def test_delete_during_a_create_frees_its_pages_and_bills_nothing(client, group):
+    import datetime
+
+    free0 = capacity(group).free_kv_bytes
+    create = LongCreate(client, words=6000, seed=7)
+    wait_for(lambda: len(create.events) >= 1, 120)
+    creating = [x for x in client.list_sessions() if x.size_tokens >= 6000]
+    assert len(creating) == 1 and create.running
+    t_delete = datetime.datetime.now(datetime.timezone.utc)
+    creating[0].delete()
+    create.t.join(120)
+    assert isinstance(create.error, (errors.Cancelled, errors.NotFound)), create.error
+    wait_for(lambda: capacity(group).free_kv_bytes == free0 and capacity(group).scheduler.running == 0, 10)
+    assert all(x.name != creating[0].name for x in client.list_sessions())
+    with pytest.raises(errors.NotFound, match="no usage of session"):  # the ledger never saw it
+        client.usage(start=t_delete - datetime.timedelta(minutes=5), session=creating[0].name)
+    usage = client.usage(start=t_delete - datetime.timedelta(minutes=5))
+    assert creating[0].name.split("/")[-1] not in {item.key for item in usage.line_items}
