@@ -298,6 +298,11 @@ def format_status(st) -> str:
         rows.append(f"{g.id:<14} {'':<8} {'ok' if g.healthy else 'DOWN':<8} {g.sessions:>8} "
                     f"{mib(g.kv_bytes, 'hbm'):>10.1f} {mib(g.kv_bytes, 'host'):>10.1f} {mib(g.kv_bytes, 'redis'):>10.1f} "
                     f"{g.free_kv_bytes / 2**20:>13.1f}")
+        q = g.scheduler
+        rows.append(f"  scheduler: {q.waiting} waiting, {q.running} running ({q.prefilling} prefilling, "
+                    f"{q.decoding} decoding); last step {q.last_step_seconds * 1000:.0f} ms, batch {q.last_batch}; "
+                    f"{q.steps} steps, {q.prefill_tokens} prefill + {q.decode_tokens} decode tokens, "
+                    f"{q.preemptions} preemptions")
         for r in g.ranks:
             rows.append(f"  rank {r.rank:<7} {r.device:<8} {'ok' if r.healthy else 'DOWN':<8} {'':>8} "
                         f"{mib(r.kv_bytes, 'hbm'):>10.1f} {mib(r.kv_bytes, 'host'):>10.1f} "

@@ -618,11 +618,16 @@ class Gateway:
                 if not isinstance(c, GroupCapacity):
                     groups.append(pb.GroupStatus(id=gid, healthy=False))
                     continue
+                q = c.scheduler
                 groups.append(pb.GroupStatus(
                     id=gid, healthy=c.healthy, sessions=c.sessions, kv_bytes=c.kv_bytes.api(),
                     free_kv_bytes=c.free_kv_bytes,
                     ranks=[pb.RankStatus(rank=r.rank, device=r.device, healthy=c.healthy, kv_bytes=r.kv_bytes.api(),
-                                         free_kv_bytes=r.free_device_bytes) for r in c.ranks]))
+                                         free_kv_bytes=r.free_device_bytes) for r in c.ranks],
+                    scheduler=pb.SchedulerStatus(
+                        waiting=q.waiting, running=q.running, prefilling=q.prefilling, decoding=q.decoding,
+                        steps=q.steps, last_batch=q.last_batch, prefill_tokens=q.prefill_tokens,
+                        decode_tokens=q.decode_tokens, preemptions=q.preemptions, last_step_seconds=q.last_step_s)))
             try:
                 redis_ok = bool(self.registry.client.ping())
                 metered = len(self.ledger.open_sessions())

@@ -24,7 +24,7 @@ def test_serve_then_session_ask_status_delete(tmp_path):
     port, key = free_port_here(), "rs-test-key"
     env = {**os.environ, "RINGSERVE_ADDRESS": f"localhost:{port}", "RINGSERVE_API_KEY": key}
     server = subprocess.Popen([sys.executable, "-m", "ringserve.cluster.cli", "serve", "--port", str(port),
-                               "--api-key", key, "--model", str(model), "--num-cpus", "2"],
+                               "--api-key", key, "--model", str(model), "--num-cpus", "2", "--no-dashboard"],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                               start_new_session=True)
     try:
@@ -50,6 +50,8 @@ def test_serve_then_session_ask_status_delete(tmp_path):
         r = cli("status", env=env)
         assert r.returncode == 0 and "group-0" in r.stdout and "1 session(s), 1 metered" in r.stdout, r.stdout + r.stderr
         assert "Redis ok" in r.stdout and "rank 0" in r.stdout and "cpu" in r.stdout, r.stdout
+        # the scheduler's line: nothing queued now, and the steps that served the create and the question
+        assert "scheduler: 0 waiting, 0 running" in r.stdout and " 0 steps" not in r.stdout, r.stdout
         assert cli("session", "list", env=env).stdout.count("sessions/s-") == 1
         r = cli("usage", "--since", "24h", env=env)
         sid = name.split("/")[1]

@@ -330,7 +330,7 @@ class RankStatus(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., device: _Optional[str] = ..., healthy: _Optional[bool] = ..., kv_bytes: _Optional[_Mapping[str, int]] = ..., free_kv_bytes: _Optional[int] = ...) -> None: ...
 
 class GroupStatus(_message.Message):
-    __slots__ = ("id", "ranks", "sessions", "kv_bytes", "free_kv_bytes", "healthy")
+    __slots__ = ("id", "ranks", "sessions", "kv_bytes", "free_kv_bytes", "healthy", "scheduler")
     class KvBytesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -344,13 +344,39 @@ class GroupStatus(_message.Message):
     KV_BYTES_FIELD_NUMBER: _ClassVar[int]
     FREE_KV_BYTES_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULER_FIELD_NUMBER: _ClassVar[int]
     id: str
     ranks: _containers.RepeatedCompositeFieldContainer[RankStatus]
     sessions: int
     kv_bytes: _containers.ScalarMap[str, int]
     free_kv_bytes: int
     healthy: bool
-    def __init__(self, id: _Optional[str] = ..., ranks: _Optional[_Iterable[_Union[RankStatus, _Mapping]]] = ..., sessions: _Optional[int] = ..., kv_bytes: _Optional[_Mapping[str, int]] = ..., free_kv_bytes: _Optional[int] = ..., healthy: _Optional[bool] = ...) -> None: ...
+    scheduler: SchedulerStatus
+    def __init__(self, id: _Optional[str] = ..., ranks: _Optional[_Iterable[_Union[RankStatus, _Mapping]]] = ..., sessions: _Optional[int] = ..., kv_bytes: _Optional[_Mapping[str, int]] = ..., free_kv_bytes: _Optional[int] = ..., healthy: _Optional[bool] = ..., scheduler: _Optional[_Union[SchedulerStatus, _Mapping]] = ...) -> None: ...
+
+class SchedulerStatus(_message.Message):
+    __slots__ = ("waiting", "running", "prefilling", "decoding", "steps", "last_batch", "prefill_tokens", "decode_tokens", "preemptions", "last_step_seconds")
+    WAITING_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    PREFILLING_FIELD_NUMBER: _ClassVar[int]
+    DECODING_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    LAST_BATCH_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
+    LAST_STEP_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    waiting: int
+    running: int
+    prefilling: int
+    decoding: int
+    steps: int
+    last_batch: int
+    prefill_tokens: int
+    decode_tokens: int
+    preemptions: int
+    last_step_seconds: float
+    def __init__(self, waiting: _Optional[int] = ..., running: _Optional[int] = ..., prefilling: _Optional[int] = ..., decoding: _Optional[int] = ..., steps: _Optional[int] = ..., last_batch: _Optional[int] = ..., prefill_tokens: _Optional[int] = ..., decode_tokens: _Optional[int] = ..., preemptions: _Optional[int] = ..., last_step_seconds: _Optional[float] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
     __slots__ = ("groups", "sessions", "redis_healthy", "metered_sessions")
