@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from ringserve.cluster.billing import (HOUR_MS, BelowMinimum, BillingError, Crash, Ledger, Rates,
-                                       STORE_TIER)
+from ringserve.cluster.billing import HOUR_MS, BelowMinimum, BillingError, Crash, Ledger, Rates
+from ringserve.workers.protocol import Tier
 
 T0 = 498_611 * 3600 + 1043  # 17 min 23 s past an hour boundary (UTC)
 # rates chosen so that a whole-second interval costs a whole number of nano-units
@@ -232,7 +232,9 @@ def test_bad_queries_and_minimum_size(fresh, redis_url):
         Rates(currency="dollars")
     with pytest.raises(ValueError, match="unknown tier"):
         Rates(retention={"standard": {"gpu": 1.0}})
-    assert set(STORE_TIER.values()) == {"hbm", "host", "redis"}
+    assert [Tier.parse(t).api for t in ("device", "hbm", "host", "redis")] == ["hbm", "hbm", "host", "redis"]
+    with pytest.raises(ValueError, match="unknown tier 'gpu'"):
+        Tier.parse("gpu")
 
 
 def test_reconciliation_reports_unmetered_and_orphaned(fresh):
