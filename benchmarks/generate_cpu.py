@@ -12,6 +12,8 @@ the same thread count, on the same prompts:
   prefill: one forward over an N-token prompt producing the last token's logits and the KV cache
            (transformers: `model(ids, use_cache=True, logits_to_keep=1)`, what `generate` does)
   decode:  D greedy steps after that prefill, one token at a time against the cache
+  model alone: ringserve's model over the prompt with plain causal SDPA, no engine and no KV cache
+           (where the engine's own cost shows: the difference to the prefill column)
 Each figure is the median (or with --stat min, the best) of --repeats interleaved runs; on a VM
 shared with other work the best of several runs is the steadier figure. Prints a markdown table
 (paste into BENCHMARKS.md).
@@ -107,24 +109,45 @@ def time_hf(model, ids, n_decode):
     return t1 - t0, t2 - t1
 
 
+@torch.inference_mode()
+def time_model_alone(model, ids):
+    """The model's forward over the prompt with plain causal SDPA and no KV cache: what the engine
+    adds on top of the model is the difference to `time_ours`' prefill."""
+    import torch.nn.functional as F
+
+    def attn(layer, q, k, v):  # (T, H, D), (T, Hkv, D) -> (T, H, D)
+        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
+                                             v.transpose(0, 1)[None], is_causal=True, enable_gqa=True)
+        return out[0].transpose(0, 1)
+
+    tokens = torch.tensor(ids)
+    t0 = time.perf_counter()
+    model(tokens, torch.arange(len(ids)), attn, logits="last")
+    return time.perf_counter() - t0
+
+
 def measure(engine, hf, ids_of, lengths, args):
-    """Rows (n, prefill ours, prefill hf, decode ours, decode hf) in tokens/s, interleaved runs."""
+    """Rows (n, prefill ours, prefill hf, decode ours, decode hf, prefill model alone) in tokens/s,
+    interleaved runs."""
     rows = []
     for n in lengths:
         ids = ids_of(n)
-        time_ours(engine, ids[:64], 2), time_hf(hf, ids[:64], 2)  # warm-up
-        ours, ref = [], []
-        for _ in range(args.repeats):  # interleave so drift hits both alike
+        time_ours(engine, ids[:64], 2), time_hf(hf, ids[:64], 2), time_model_alone(engine.model, ids[:64])
+        ours, ref, alone = [], [], []
+        for _ in range(args.repeats):  # interleave so drift hits all alike
             ours.append(time_ours(engine, ids, args.decode))
             ref.append(time_hf(hf, ids, args.decode))
+            alone.append(time_model_alone(engine.model, ids))
         stat = statistics.median if args.stat == "median" else min
         o_pf = n / stat(t[0] for t in ours)
         r_pf = n / stat(t[0] for t in ref)
         o_dc = args.decode / stat(t[1] for t in ours)
         r_dc = args.decode / stat(t[1] for t in ref)
-        rows.append((n, o_pf, r_pf, o_dc, r_dc))
-        print(f"N={n}: prefill ours {o_pf:.0f} tok/s vs transformers {r_pf:.0f} ({o_pf / r_pf:.2f}x); "
-              f"decode ours {o_dc:.1f} tok/s vs transformers {r_dc:.1f} ({o_dc / r_dc:.2f}x)", flush=True)
+        m_pf = n / stat(alone)
+        rows.append((n, o_pf, r_pf, o_dc, r_dc, m_pf))
+        print(f"N={n}: prefill ours {o_pf:.0f} tok/s vs transformers {r_pf:.0f} ({o_pf / r_pf:.2f}x), model alone "
+              f"{m_pf:.0f} ({m_pf / r_pf:.2f}x); decode ours {o_dc:.1f} tok/s vs transformers {r_dc:.1f} "
+              f"({o_dc / r_dc:.2f}x)", flush=True)
     return rows
 
 
@@ -183,11 +206,11 @@ def main():
     for n in notes:
         print(n)
     print("| model | prompt tokens | prefill tok/s ringserve | prefill tok/s transformers | ratio "
-          "| decode tok/s ringserve | decode tok/s transformers | ratio |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for label, n, o_pf, r_pf, o_dc, r_dc in rows:
+          "| decode tok/s ringserve | decode tok/s transformers | ratio | prefill tok/s model alone | ratio |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for label, n, o_pf, r_pf, o_dc, r_dc, m_pf in rows:
         print(f"| {label} | {n} | {o_pf:.0f} | {r_pf:.0f} | {o_pf / r_pf:.2f}x | {o_dc:.1f} | {r_dc:.1f} "
-              f"| {o_dc / r_dc:.2f}x |")
+              f"| {o_dc / r_dc:.2f}x | {m_pf:.0f} | {m_pf / r_pf:.2f}x |")
 
 
 if __name__ == "__main__":
