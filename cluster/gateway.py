@@ -81,7 +81,7 @@ class Gateway:
         self._keys_mtime = None
         self._reload_keys()
         self.groups = {h.deployment_name: h for h in groups}
-        self.max_context = self.cfg.group.max_context or 0  # 0: learnt from the first group
+        self._context: ContextLimit | None = None  # the session limit, read from the model's config once
         self._stop = threading.Event()
         threading.Thread(target=self._sweep_loop, name="ringserve-expiry", daemon=True).start()
         threading.Thread(target=self._meter_loop, name="ringserve-meter", daemon=True).start()
@@ -192,11 +192,15 @@ class Gateway:
 
     async def _limit(self) -> ContextLimit:
         """How many tokens a session may hold (prompt + answers): the rule the engine applies too."""
-        if not self.max_context:
-            from ringserve.workers.loader import model_max_context
+        if self._context is None:  # the rule the groups apply, from the model's config
+            from ringserve.workers.loader import read_config
 
-            self.max_context = model_max_context(self.cfg.model)
-        return ContextLimit(min(self.cfg.max_prompt_tokens or self.max_context, self.max_context))
+            g = self.cfg.group
+            self._context = ContextLimit.of(read_config(self.cfg.model), g.max_context, g.max_context_beyond_model)
+        c = self._context
+        if self.cfg.max_prompt_tokens and self.cfg.max_prompt_tokens < c.max_tokens:
+            return ContextLimit(self.cfg.max_prompt_tokens, "the service's max_prompt_tokens")
+        return c
 
     def _session_pb(self, rec: SessionRecord, info: SessionInfo | None = None, usage: dict | None = None) -> pb.Session:
         s = pb.Session(name=f"sessions/{rec.id}", display_name=rec.display_name, tenant=rec.tenant,

@@ -54,7 +54,7 @@ def model_check_context(loaded, n_tokens: int) -> None:
     prompt tokens cannot be served; nothing is computed either way."""
     from ringserve.workers.protocol import ContextLimit
 
-    ContextLimit(loaded.config.max_context).check_add(0, n_tokens)
+    ContextLimit.of(loaded.config).check_add(0, n_tokens)
 
 
 def write_tokenizer(path: Path, vocab_size: int, *, style: str = "gpt2") -> None:

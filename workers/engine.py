@@ -101,7 +101,7 @@ class ShardEngine:
         self.group = group if self.world > 1 else None
         self.comm = RingComm(group, timeout_s) if self.group is not None else None
         # a configured max_context may lower the model's limit; raising it needs beyond_model
-        self.limit = ContextLimit(self.cfg.context_limit(max_context, beyond_model=beyond_model))
+        self.limit = ContextLimit.of(self.cfg, max_context, beyond_model)
         p = next(self.model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.prefill_chunk = prefill_chunk or DEFAULT_PREFILL_CHUNK.get(self.device.type, 8192)

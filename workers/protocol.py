@@ -183,13 +183,24 @@ class ContextLimit:
     """
 
     max_tokens: int
+    reason: str = ""  # why the limit is what it is, when the model's config says more (e.g. no Dual Chunk Attention)
+
+    @classmethod
+    def of(cls, model_cfg, max_context: int | None = None, beyond_model: bool = False) -> "ContextLimit":
+        """The limit of a model (`ModelConfig`: its usable context, and the reason when its config says
+        more), lowered by a configured max_context; raised past the model only with beyond_model."""
+        n = model_cfg.context_limit(max_context, beyond_model=beyond_model)
+        return cls(n, model_cfg.context_note if n == model_cfg.max_context else "")
+
+    def _why(self) -> str:
+        return self.reason or "the model's context, or the configured max_context"
 
     def check_add(self, length: int, n: int, what: str = "the content") -> None:
         """Adding n tokens to a session of `length` tokens must stay within the limit."""
         if length + n > self.max_tokens:
             raise ContextLimitError(
                 f"{what} has {n} tokens; the session holds {length}, and together they exceed the limit of "
-                f"{self.max_tokens} tokens per session (the model's context, or the configured max_context)")
+                f"{self.max_tokens} tokens per session ({self._why()})")
 
     def generate_budget(self, length: int, n_prompt: int, max_new: int) -> int:
         """Most tokens a Generate may produce after an n_prompt-token prompt. Every generated token takes
@@ -198,7 +209,7 @@ class ContextLimit:
         if room < 1:
             raise ContextLimitError(
                 f"the session holds {length} tokens; a {n_prompt}-token prompt leaves no room for an answer "
-                f"under the limit of {self.max_tokens} tokens per session")
+                f"under the limit of {self.max_tokens} tokens per session ({self._why()})")
         return min(max_new, room)
 
 

@@ -41,9 +41,10 @@ from .layout import Segment
 # --------------------------------------------------------------------------------- local attention
 
 
-def _cpu_attention(q, k, v, visible: torch.Tensor | None, scale: float):
+def _cpu_attention(q, k, v, visible: torch.Tensor | None, scale: float, is_causal: bool = False):
     """(out fp32 (Tq, H, D), lse (Tq, H)) on the CPU with PyTorch's fused flash-attention op, which
-    returns the LSE too. visible (Tq, Tk) bool, or None for no mask; rows that see no key get 0, -inf."""
+    returns the LSE too. visible (Tq, Tk) bool, or None for no mask (is_causal: query i sees keys <= i);
+    rows that see no key get 0, -inf."""
     Tq, H, D = q.shape
     Hkv = k.shape[1]
     rep = H // Hkv
@@ -58,7 +59,7 @@ def _cpu_attention(q, k, v, visible: torch.Tensor | None, scale: float):
             mask[empty_rows] = 0.0  # keep the op finite; fixed up below
         else:
             empty_rows = None
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qb, kb, vb, 0.0, False,
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qb, kb, vb, 0.0, is_causal,
                                                                            attn_mask=mask, scale=scale)
     out = out[0].transpose(0, 1).float()  # (Tq, H, D)
     lse = lse[0].transpose(0, 1).float()  # (Tq, H)
@@ -81,6 +82,8 @@ def _attn(q, k, v, *, causal: bool, q_start: int, k_start: int, scale: float, ba
     visible = None
     if causal:
         diag = q_start - k_start  # query i sees key j when j <= i + diag
+        if diag == 0:  # the fused op's own (top-left aligned) causal mask: no mask tensor
+            return _cpu_attention(q, k, v, None, scale, is_causal=True)
         if diag < k.shape[0] - 1:  # some key is masked for some query
             visible = torch.arange(k.shape[0])[None, :] <= torch.arange(q.shape[0])[:, None] + diag
     return _cpu_attention(q, k, v, visible, scale)

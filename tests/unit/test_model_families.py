@@ -157,6 +157,7 @@ def test_1m_session_past_the_limit_is_refused(qwen_1m):
         model_check_context(loaded, 262_145)
     code, msg = _status_of(refused.value)
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "262144" in msg
+    assert "without Dual Chunk Attention" in msg  # the reason, not just the number
     model_check_context(loaded, 262_144)  # a session may hold exactly the model's context
     # a configured max_context may lower the limit, never raise it without the override
     c = loaded.config
