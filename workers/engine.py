@@ -34,8 +34,8 @@ from .layout import ShardLayout, positions_of
 from .loader import LoadedModel
 from .protocol import (ContextLimit, GenerationEnd, KVCapacityError, KVNotFoundError, Progress, PromptError,
                        SessionError)
-from .ring import (RingComm, batch_decode_attention, choose_mode, context_attention, replicated_attention,
-                   ring_attention)
+from .ring import (CPU_BATCH_GATHER_TOKENS, RingComm, batch_decode_attention, choose_mode, context_attention,
+                   decode_gather_index, replicated_attention, ring_attention)
 from .sampling import SamplingParams
 
 # Tokens per prefill chunk when the config does not say. The chunk bounds activation memory (each rank
@@ -427,12 +427,16 @@ class _BatchDecode:
     def __init__(self, eng: ShardEngine, kvs: list[KVView], owned: torch.Tensor, slots: torch.Tensor | None,
                  kv_len: torch.Tensor):
         self.eng, self.kvs, self.owned, self.slots, self.kv_len = eng, kvs, owned, slots, kv_len
+        self.gather = None  # CPU, short sessions: one gather index for every layer of this step
+        if eng.device.type == "cpu" and eng.attn_backend != "triton" and int(kv_len.max()) <= CPU_BATCH_GATHER_TOKENS:
+            self.gather = decode_gather_index(kvs, kv_len)
 
     def __call__(self, layer, q, k, v):
         e = self.eng
         if self.slots is not None:  # the pool is shared by every session of the rank: one write
             self.kvs[0].write(layer, self.slots, k[self.owned], v[self.owned])
-        return batch_decode_attention(e.group, q, self.kvs, layer, self.kv_len, e.scale, e.attn_backend).to(q.dtype)
+        return batch_decode_attention(e.group, q, self.kvs, layer, self.kv_len, e.scale, e.attn_backend,
+                                      self.gather).to(q.dtype)
 
 
 class _Replicated:

@@ -27,8 +27,7 @@ from .engine import ShardEngine
 from .kvpages import KVView
 from .layout import ShardLayout
 from .plan import Request, StepEvent, StepPlan, StepResult
-from .protocol import (ContextLimitError, GenerationEnd, Progress, RequestCancelled, RingserveError, SamplingError,
-                       SessionError, SessionExistsError)
+from .protocol import GenerationEnd, Progress, RequestCancelled, RingserveError, SamplingError, SessionError
 from .ring import choose_mode
 from .sampling import make_generator, sample_batch
 
@@ -106,7 +105,7 @@ class StepExecutor:
                 events.append(StepEvent(req.id, "admitted"))
                 continue
             if act is not None:  # it opened here but failed on another rank
-                self._close(act, commit=False)
+                self._close(act)
             events.append(StepEvent(req.id, "failed", error=err))
 
     def _open(self, req: Request) -> _Active:
@@ -147,7 +146,10 @@ class StepExecutor:
             final = ShardLayout.from_dict(layout.to_dict())
             for done in range(0, n, eng.prefill_chunk):
                 c = min(eng.prefill_chunk, n - done)
-                final.add_zigzag(c) if mode == "ring" else final.add_blocks(c)
+                if mode == "ring":
+                    final.add_zigzag(c)
+                else:
+                    final.add_blocks(c)
             if budget:
                 final.add_blocks(budget + 1)
             store.reserve(req.session, final.local_counts()[eng.rank])
@@ -188,7 +190,7 @@ class StepExecutor:
             self.eng.store.commit(req.session, act.kv.length, self.eng._meta(act.layout))
             if self.keep_logits:
                 self.last_logits[req.id] = logits
-            self._close(act, commit=False)
+            self._close(act)
             self.active.pop(req.id, None)
             info = self.describe(req.session) if self.describe else None
             events.append(StepEvent(req.id, "done", info=info, computed=act.computed))
@@ -261,10 +263,11 @@ class StepExecutor:
         act = self.active.get(rid)
         if act is None:
             return
-        if why == "stop_sequence" and act.req.kind == "generate" and act.phase == "decode":
-            act.reason = "stop_sequence"
-            self._closing_or_finish(act, act.last, events)
-            return
+        if why == "stop_sequence" and act.req.kind == "generate":
+            if act.phase == "decode":
+                act.reason = "stop_sequence"
+                self._closing_or_finish(act, act.last, events)
+            return  # "closing": it finishes in this step's decode batch anyway
         self._fail(act, RequestCancelled(f"request {rid} on session {act.req.session!r} was cancelled"), events)
 
     def _finish(self, act: _Active, events: list[StepEvent], *, commit: bool) -> None:
@@ -272,22 +275,20 @@ class StepExecutor:
         if commit:
             self.eng.store.commit(act.req.session, act.kv.length, self.eng._meta(act.layout))
             retained = act.layout.length - act.base
-        self._close(act, commit=commit)
+        self._close(act)
         self.active.pop(act.req.id, None)
         end = GenerationEnd(act.reason, len(act.req.ids), act.generated, retained)
         events.append(StepEvent(act.req.id, "done", end=end, computed=act.computed))
 
     def _fail(self, act: _Active, err: RingserveError, events: list[StepEvent]) -> None:
-        self._close(act, commit=False)
+        self._close(act)
         if act.req.kind == "create":
             self.eng.drop(act.req.session)
         self.active.pop(act.req.id, None)
         events.append(StepEvent(act.req.id, "failed", error=err, computed=act.computed))
 
-    def _close(self, act: _Active, *, commit: bool) -> None:
+    def _close(self, act: _Active) -> None:
         """Release the lease (uncommitted slots go) and stop the prefill generator."""
         act.steps.close()
         self.eng.store.release(act.kv)
 
-
-__all__ = ["StepExecutor", "ContextLimitError", "SessionExistsError"]

@@ -44,13 +44,22 @@ from .layout import Segment
 def _cpu_attention(q, k, v, visible: torch.Tensor | None, scale: float, is_causal: bool = False):
     """(out fp32 (Tq, H, D), lse (Tq, H)) on the CPU with PyTorch's fused flash-attention op, which
     returns the LSE too. visible (Tq, Tk) bool, or None for no mask (is_causal: query i sees keys <= i);
-    rows that see no key get 0, -inf."""
+    rows that see no key get 0, -inf.
+
+    Grouped-query attention without copying K/V: unless the op's own causal mask is wanted, the G = H / Hkv
+    query heads that share a KV head are laid out as G x Tq query rows of that head (the mask repeated
+    per group), so K and V are read as they are."""
     Tq, H, D = q.shape
     Hkv = k.shape[1]
-    rep = H // Hkv
-    qb = q.transpose(0, 1).unsqueeze(0)  # (1, H, Tq, D)
-    kb = (k.repeat_interleave(rep, 1) if rep > 1 else k).transpose(0, 1).unsqueeze(0)  # (1, H, Tk, D)
-    vb = (v.repeat_interleave(rep, 1) if rep > 1 else v).transpose(0, 1).unsqueeze(0)
+    G = H // Hkv
+    grouped = G > 1 and not is_causal
+    if grouped:
+        qb = q.view(Tq, Hkv, G, D).permute(1, 2, 0, 3).reshape(1, Hkv, G * Tq, D)  # row g * Tq + t
+        kb, vb = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)  # (1, Hkv, Tk, D)
+    else:
+        qb = q.transpose(0, 1).unsqueeze(0)  # (1, H, Tq, D)
+        kb = (k.repeat_interleave(G, 1) if G > 1 else k).transpose(0, 1).unsqueeze(0)  # (1, H, Tk, D)
+        vb = (v.repeat_interleave(G, 1) if G > 1 else v).transpose(0, 1).unsqueeze(0)
     mask = empty_rows = None
     if visible is not None:
         mask = torch.zeros(visible.shape, dtype=q.dtype).masked_fill_(~visible, float("-inf"))
@@ -59,10 +68,16 @@ def _cpu_attention(q, k, v, visible: torch.Tensor | None, scale: float, is_causa
             mask[empty_rows] = 0.0  # keep the op finite; fixed up below
         else:
             empty_rows = None
+        if grouped:
+            mask = mask.repeat(G, 1)  # (G * Tq, Tk)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qb, kb, vb, 0.0, is_causal,
                                                                            attn_mask=mask, scale=scale)
-    out = out[0].transpose(0, 1).float()  # (Tq, H, D)
-    lse = lse[0].transpose(0, 1).float()  # (Tq, H)
+    if grouped:
+        out = out[0].view(Hkv, G, Tq, D).permute(2, 0, 1, 3).reshape(Tq, H, D).float()
+        lse = lse[0].view(Hkv, G, Tq).permute(2, 0, 1).reshape(Tq, H).float()
+    else:
+        out = out[0].transpose(0, 1).float()  # (Tq, H, D)
+        lse = lse[0].transpose(0, 1).float()  # (Tq, H)
     if empty_rows is not None:
         out[empty_rows] = 0.0
         lse[empty_rows] = float("-inf")
@@ -107,14 +122,19 @@ def attend_paged(q: torch.Tensor, kv: KVView, layer: int, kv_len: int | torch.Te
         out, lse = paged_attention(q.unsqueeze(0), kp, vp, kv.table(), lens, max_len=hi, scale=scale,
                                    out_dtype=torch.float32, backend="triton" if backend == "triton" else "auto")
         return out[0], lse[0]
-    out = torch.zeros(Tq, H, D, dtype=torch.float32)
-    lse = torch.full((Tq, H), float("-inf"), dtype=torch.float32)
+    out = lse = None
+    lo = int(kv_len.min()) if per_query and Tq else hi
     for off, k, v in kv.layer_runs(layer, hi):
         visible = None
-        if per_query and int(kv_len.min()) < off + k.shape[0]:  # some query stops inside this run
+        if lo < off + k.shape[0]:  # some query stops inside this run
             visible = (off + torch.arange(k.shape[0]))[None, :] < kv_len[:, None]
         o, l = _cpu_attention(q, k, v, visible, scale)
-        merge_attention(out, lse, o, l)
+        if out is None:
+            out, lse = o, l
+        else:
+            merge_attention(out, lse, o, l)
+    if out is None:  # nothing to attend
+        return torch.zeros(Tq, H, D, dtype=torch.float32), torch.full((Tq, H), float("-inf"), dtype=torch.float32)
     return out, lse
 
 
@@ -261,7 +281,7 @@ def context_attention(group, q: torch.Tensor, rows_by_rank: list[int], kv: KVVie
     mine = q.new_zeros(m, H, D)
     mine[:n] = q
     q_all = q.new_empty(P * m, H, D)
-    dist.all_gather_into_tensor(q_all, mine, group=group)
+    _all_gather_single(q_all, mine, group=group)
     o, l = attend_paged(q_all, kv, layer, context, scale, backend)  # (P*m, H, D), (P*m, H)
     packed = torch.cat([o, l.unsqueeze(-1)], dim=-1)  # (P*m, H, D+1): rows grouped by owner rank
     back = torch.empty_like(packed)
@@ -295,11 +315,65 @@ def merge_across_ranks(group, o: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
     return out
 
 
+# On the CPU a decode batch of short sessions is one fused call over a padded copy of their visible K/V
+# (per layer at most B x this many tokens: a small working buffer, cheaper than B calls); longer
+# sessions are attended one by one over their pages in place. The GPU always reads the pages.
+CPU_BATCH_GATHER_TOKENS = 2048
+
+
+def _scratch(pool, n: int, *, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two reusable (n, width) buffers kept on the pool (one step thread uses them), grown as needed: a
+    fresh multi-MB tensor per layer would cost more in page faults than the attention."""
+    buf = getattr(pool, "_scratch", None)
+    if buf is None or buf[0].shape[0] < n:
+        buf = (torch.empty(n, width, dtype=pool.k.dtype), torch.empty(n, width, dtype=pool.k.dtype))
+        pool._scratch = buf
+    return buf[0][:n], buf[1][:n]
+
+
+def decode_gather_index(kvs: list[KVView], kv_len: torch.Tensor) -> torch.Tensor:
+    """(B * T,) flat pool slots of storage [0, T) of each session, T = max(kv_len); a row's padding
+    repeats a slot it holds (finite data: the padding is masked, but 0 x NaN would still be NaN)."""
+    T = max(1, int(kv_len.max()))
+    fill = next((kv.slots(0, 1)[0] for kv, n in zip(kvs, kv_len.tolist()) if n > 0), None)
+    rows = []
+    for kv, n in zip(kvs, kv_len.tolist()):
+        idx = kv.slots(0, n) if n > 0 else torch.empty(0, dtype=torch.long)
+        pad = (idx[:1] if n > 0 else (fill.view(1) if fill is not None else torch.zeros(1, dtype=torch.long)))
+        rows.append(torch.cat([idx, pad.expand(T - n)]))
+    return torch.cat(rows)
+
+
+def _cpu_batch_attention(q: torch.Tensor, kvs: list[KVView], layer: int, kv_len: torch.Tensor, scale: float,
+                         index: torch.Tensor):
+    """q (B, H, D), one token per session, over storage [0, kv_len[b]) of session b: one gather of the
+    visible K/V (`index`, from `decode_gather_index`) and one fused call."""
+    B, H, D = q.shape
+    pool = kvs[0].pool
+    Hkv = pool.geometry.kv_heads
+    G = H // Hkv
+    T = index.numel() // B
+    kbuf, vbuf = _scratch(pool, B * T, width=Hkv * D)
+    torch.index_select(pool.flat("k", layer).view(-1, Hkv * D), 0, index, out=kbuf)
+    torch.index_select(pool.flat("v", layer).view(-1, Hkv * D), 0, index, out=vbuf)
+    k = kbuf.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+    v = vbuf.view(B, T, Hkv, D).transpose(1, 2)
+    mask = torch.where(torch.arange(T)[None, :] < kv_len.clamp_min(1)[:, None], 0.0, float("-inf"))
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q.view(B, Hkv, G, D), k, v, 0.0, False, attn_mask=mask.to(q.dtype).view(B, 1, 1, T), scale=scale)
+    out, lse = out.reshape(B, H, D).float(), lse.reshape(B, H).float()
+    empty = kv_len == 0
+    if bool(empty.any()):
+        out[empty], lse[empty] = 0.0, float("-inf")
+    return out, lse
+
+
 def batch_decode_attention(group, q: torch.Tensor, kvs: list[KVView], layer: int, kv_len: torch.Tensor,
-                           scale: float, backend: str = "auto") -> torch.Tensor:
+                           scale: float, backend: str = "auto", gather_index: torch.Tensor | None = None
+                           ) -> torch.Tensor:
     """A decode batch: query b (of q (B, H, D)) attends storage slots [0, kv_len[b]) of session b's
     pages on this rank; with several ranks one all-gather merges the partials of the whole batch in
-    rank order. Returns out fp32 (B, H, D)."""
+    rank order. `gather_index` (CPU, short sessions): see `decode_gather_index`. Returns out fp32 (B, H, D)."""
     B, H, D = q.shape
     if q.device.type != "cpu" or backend == "triton":  # one kernel call for the batch
         width = max(len(kv.pages) for kv in kvs) or 1
@@ -311,6 +385,8 @@ def batch_decode_attention(group, q: torch.Tensor, kvs: list[KVView], layer: int
                                max_len=int(kv_len.max()), scale=scale, out_dtype=torch.float32,
                                backend="triton" if backend == "triton" else "auto")
         o, l = o[:, 0], l[:, 0]
+    elif gather_index is not None:
+        o, l = _cpu_batch_attention(q, kvs, layer, kv_len, scale, gather_index)
     else:
         o = torch.zeros(B, H, D, dtype=torch.float32)
         l = torch.full((B, H), float("-inf"), dtype=torch.float32)
@@ -318,6 +394,9 @@ def batch_decode_attention(group, q: torch.Tensor, kvs: list[KVView], layer: int
             o[b:b + 1], l[b:b + 1] = attend_paged(q[b:b + 1], kv, layer, int(kv_len[b]), scale, backend)
     return merge_across_ranks(group, o, l)  # one collective per layer for the whole batch
 
+
+# torch >= 2.12 names it all_gather_single (all_gather_into_tensor is deprecated); older torch has only the latter
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 PASS_Q_MAX_TOKENS = 4096  # a call longer than this always prefills with the ring
 PASS_Q_MAX_SHARE = 1 / 16  # ... and so does one that is more than this share of the retained context

@@ -11,10 +11,11 @@ results. A step loop builds one `StepPlan` per step and runs it on every rank (w
     answer budget, end-of-turn token), so a running request can never run out of pages. If the pages
     are not free the request waits (until a running request finishes, at most `queue_timeout_s`) or,
     when nothing is running that could free them, fails with RESOURCE_EXHAUSTED;
-  * **prefill under a token budget**: up to `step_tokens` tokens of prefill work — chunks of creates,
-    appends and generate prompts — shared round-robin between the requests that have some, so a short
-    prompt is never stuck behind a long create: a 1M-token create yields to the others between its
-    chunks (each time it waits counts as a preemption);
+  * **prefill under a token budget**: up to `step_tokens` tokens of prefill work. Prompts that finish
+    in one chunk go first (oldest first), then the long prefills (creates, long appends) one chunk
+    each, round-robin — so a short prompt is never stuck behind a long create: a 1M-token create
+    yields between its chunks (each yield counts as a preemption), and runs again at the latest one
+    step later, even past the budget, so short prompts cannot starve it either;
   * **the decode batch**: one new token for every running generate, across all sessions, in one
     forward and one sampling pass.
 
@@ -69,6 +70,7 @@ class Handle:
         self.phase = "prefill"  # -> "decode" (a generate after its first token)
         self.remaining = len(req.ids)  # prompt tokens not prefilled yet
         self.prefilled_once = False
+        self.deferred = 0  # steps a long prefill waited for shorter ones in a row
         self.text = ""
         self.computed = 0  # tokens the group computed for it (reported when it ended)
         self.end: GenerationEnd | None = None
@@ -234,21 +236,33 @@ class SchedulerCore:
             h.state = "running"
             admit.append(h)
             busy.add(h.req.session)
-        # prefill: round-robin over the requests with prompt tokens left, within the step's budget
+        # prefill within the step's token budget: prompts that finish in one chunk first (oldest first),
+        # then the long prefills round-robin; a long prefill that yielded last step runs now even past
+        # the budget (one per step), so a stream of short prompts cannot starve it
+        chunk = self.cfg.prefill_chunk
         cands = [h for h in live + admit if h.phase == "prefill" and h.remaining > 0]
-        if cands:
-            k = self._rr % len(cands)
-            cands = cands[k:] + cands[:k]
+        short = [h for h in cands if h.remaining <= chunk]
+        long = [h for h in cands if h.remaining > chunk]
+        if long:
+            k = self._rr % len(long)
+            long = long[k:] + long[:k]
             self._rr += 1
-        budget, chosen = self.cfg.budget, []
-        for h in cands:
-            n = min(self.cfg.prefill_chunk, h.remaining)
-            if chosen and n > budget:
-                if h.prefilled_once:
-                    self._stats["preemptions"] += 1  # a started prefill yields this step to the others
+        budget, chosen, forced = self.cfg.budget, [], False
+        for h in short:
+            if chosen and h.remaining > budget:
                 continue
             chosen.append(h.id)
-            budget -= n
+            budget -= h.remaining
+        for h in long:
+            if not chosen or chunk <= budget or (h.deferred and not forced):
+                forced |= bool(chosen) and chunk > budget
+                chosen.append(h.id)
+                budget -= chunk
+                h.deferred = 0
+            else:
+                h.deferred += 1
+                if h.prefilled_once:
+                    self._stats["preemptions"] += 1  # a started prefill yields this step to the others
         decode = [h.id for h in live if h.phase == "decode"]
         return StepPlan(self.step, tuple(drops), tuple(ends), tuple(h.req for h in admit), tuple(chosen), tuple(decode))
 
