@@ -144,6 +144,54 @@ def batching(args, address, key):
             c.get_session(s.name).delete()
 
 
+def _engine_batch_rank(rank, world, n_sessions, n_words, batch_tokens, chunk):
+    """On every rank of a gloo group (no Ray, no Serve): the same sessions and questions through the
+    engine's own scheduler core and executor; decode-only tok/s of n at once and of one at a time."""
+    import torch.distributed as dist
+
+    from ringserve.workers.engine import ShardEngine
+    from ringserve.workers.executor import StepExecutor
+    from ringserve.workers.loader import load_model
+    from ringserve.workers.protocol import SamplingParams
+    from ringserve.workers.scheduler import SchedulerConfig, SchedulerCore
+
+    lm = load_model("default")
+    tok = lm.tokenizer
+    eng = ShardEngine(lm, dist.group.WORLD, prefill_chunk=chunk, kv_device_bytes=1 << 30)
+    q = tok.encode_turn([{"role": "user", "content": QUESTION}], add_generation_prompt=True)
+    for i in range(n_sessions):
+        eng.prefill(f"s{i}", tok.encode_chat([{"role": "user", "content": doc(n_words, seed=i)}]))
+    core, ex = SchedulerCore(SchedulerConfig(chunk)), StepExecutor(eng)
+
+    def run(ids):
+        hs = [core.submit("generate", f"s{i}", q, sampling=SamplingParams(max_tokens=batch_tokens), stop_ids=())
+              for i in ids]
+        t = n = 0
+        while not all(h.done for h in hs):
+            plan = core.plan()
+            t0 = time.perf_counter()
+            core.apply(plan, [ex.step(plan)])
+            if plan.decode and not plan.prefill:
+                t, n = t + time.perf_counter() - t0, n + len(plan.decode)
+        return n, t
+
+    seq = [run([i]) for i in range(n_sessions)]
+    par = run(list(range(n_sessions)))
+    return sum(x[0] for x in seq) / sum(x[1] for x in seq), par[0] / par[1]
+
+
+def batching_engine(args):
+    from ringserve.workers.procgroup import run_group
+
+    print("\n### batching, the engine alone (2 gloo processes, 1 thread each, no Ray or Serve), decode steps only")
+    print("| concurrent sessions | one at a time tok/s | all at once tok/s | ratio |")
+    print("|---:|---:|---:|---:|")
+    for n in (1, 4, 16):
+        one, alls = run_group(2, _engine_batch_rank, n, args.session_words, args.batch_tokens, args.chunk,
+                              threads=1, timeout=3600)[0]
+        print(f"| {n} | {one:.1f} | {alls:.1f} | {alls / one:.2f}x |", flush=True)
+
+
 def interference(args, address, key, chunk):
     from ringserve.client import Client
 
@@ -231,6 +279,8 @@ def main():
     try:
         if "overhead" in sections:
             ids, direct = overhead_direct(args, gcfg, tok)
+        if "batching" in sections:
+            batching_engine(args)
         start(cfg)
         address = f"localhost:{port}"
         if "overhead" in sections:
