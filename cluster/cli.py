@@ -448,12 +448,20 @@ class UserError(Exception):
     pass
 
 
+def _add_bench(sub):
+    from .recall import add_parser
+
+    p = sub.add_parser("bench", help="benchmarks a user runs against a server or in process")
+    add_parser(p.add_subparsers(dest="bench", required=True))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ringserve", description="ringserve: long-context LLM serving")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_serve(sub)
     _add_client_commands(sub)
+    _add_bench(sub)
     args = parser.parse_args(argv)
     if args.command in ("session", "ask", "status", "usage"):  # the SDK only: no torch, no ray
         from ringserve.client import RingServeError
@@ -468,9 +476,12 @@ def main(argv: list[str] | None = None) -> int:
     from ringserve.workers.loader import ModelLoadError
     from ringserve.workers.tokenizer import ChatTemplateError
 
+    from ringserve.client import RingServeError
+
     try:
         return args.func(args)
-    except (UserError, ModelLoadError, PromptError, ChatTemplateError, ValueError, SessionError, OSError) as e:
+    except (UserError, ModelLoadError, PromptError, ChatTemplateError, ValueError, SessionError, OSError,
+            RingServeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except GroupUnhealthy as e:  # a rank died: not the user's input, so a different exit status
