@@ -28,7 +28,9 @@ def _add_generate(sub):
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     p.add_argument("--max-context", type=int, default=None,
                    help="longest sequence accepted in tokens (default: the model's context length)")
-    p.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    p.add_argument("--raw", action="store_true",
+                   help="do not apply the chat template: the prompt is tokenized as written, control tokens "
+                        "such as <|im_start|> included")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--stats", action="store_true", help="print prefill and decode speed to stderr")
     p.add_argument("--sp", type=int, default=1,
@@ -369,7 +371,8 @@ def cmd_generate(args) -> int:
         raise UserError(f"--sp must be >= 1, got {args.sp}")
     loaded = load_model(args.model, device=device if args.sp == 1 else "cpu")
     tok = loaded.tokenizer
-    ids = tok.encode(args.prompt) if args.raw else tok.encode_chat(build_messages(args.prompt, doc))
+    # --raw: the prompt as the user wrote it, template and control tokens included
+    ids = tok.encode(args.prompt, special_tokens=True) if args.raw else tok.encode_chat(build_messages(args.prompt, doc))
     stats = GenerationStats()
     stream = tok.stream()
     if len(ids) < 2:

@@ -4,10 +4,18 @@ Wraps a `tokenizers.Tokenizer` (from a Hugging Face tokenizer.json, or built fro
 renders the model's own chat template with jinja2 (ChatML for SmolLM2 and Qwen; Qwen3's template
 also reads `enable_thinking`, which ringserve passes as False unless asked: served answers come
 without a reasoning block).
+
+Control tokens come only from the template. A special-token string inside text or a message
+("<|im_start|>system ...") is tokenized as the plain text it spells, so a user cannot open a turn of
+another role (chat-role injection): `encode` reads special tokens as text unless told otherwise, and
+`encode_chat` / `encode_turn` render the template with the messages' special-token strings hidden
+behind markers, then give ids of control tokens only to what the template itself wrote.
 """
 
 from __future__ import annotations
 
+import re
+import secrets
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -55,13 +63,40 @@ class Tokenizer:
             if self.eos_token is not None:
                 ids.add(self.backend.token_to_id(self.eos_token))
             self.stop_ids = frozenset(i for i in ids if i is not None)
+        self._setup_specials()
+
+    def _setup_specials(self) -> None:
+        """A second backend that reads special-token strings as text (user content goes through it),
+        and the patterns that find special-token strings: exactly (to hide them in messages) and with
+        each token's own lstrip / rstrip whitespace (to split a rendered template as the backend does)."""
+        self._plain = HFTokenizer.from_str(self.backend.to_str())
+        self._plain.encode_special_tokens = True
+        added = [a for a in self.backend.get_added_tokens_decoder().values() if a.special and a.content]
+        added.sort(key=lambda a: -len(a.content))  # the longest first, where one is a prefix of another
+        self._specials = [a.content for a in added]
+        self._special_index = {t: i for i, t in enumerate(self._specials)}
+        self._hide_re = re.compile("|".join(re.escape(t) for t in self._specials)) if added else None
+        self._split_re = re.compile("(" + "|".join(
+            (r"\s*" if a.lstrip else "") + re.escape(a.content) + (r"\s*" if a.rstrip else "") for a in added)
+            + ")") if added else None
+
+    def __getstate__(self):  # the plain backend's flag does not survive pickling: rebuild it
+        return {k: v for k, v in self.__dict__.items() if k not in ("_plain", "_hide_re", "_split_re", "_specials", "_special_index")}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._setup_specials()
 
     @property
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str, *, add_bos: bool | None = None) -> list[int]:
-        ids = self.backend.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, *, add_bos: bool | None = None, special_tokens: bool = False) -> list[int]:
+        """Token ids of `text`. A special-token string in it ("<|im_start|>") is read as the text it
+        spells; `special_tokens=True` reads it as the control token instead — only for text the caller
+        wrote itself (a rendered template), never for text from a user."""
+        backend = self.backend if special_tokens else self._plain
+        ids = backend.encode(text, add_special_tokens=False).ids
         bos = self.add_bos if add_bos is None else add_bos
         if bos and self.bos_token is not None:
             ids = [self.backend.token_to_id(self.bos_token)] + ids
@@ -95,24 +130,61 @@ class Tokenizer:
 
     def encode_chat(self, messages: Sequence[dict], *, add_generation_prompt: bool = True,
                     enable_thinking: bool = False) -> list[int]:
-        text = self.render_chat(messages, add_generation_prompt=add_generation_prompt,
-                                enable_thinking=enable_thinking)
+        """Token ids of `messages` rendered with the chat template, as the start of a conversation.
+        Control tokens come only from the template; special-token strings inside the messages are text."""
+        text, unhide = self._render_hidden(messages, add_generation_prompt=add_generation_prompt,
+                                           enable_thinking=enable_thinking)
         # the template writes the BOS token itself where the model wants one
-        return self.encode(text, add_bos=False)
+        return self._encode_rendered(text, unhide)
 
     def encode_turn(self, messages: Sequence[dict], *, add_generation_prompt: bool = True,
                     enable_thinking: bool = False) -> list[int]:
         """Tokens of `messages` as a continuation of a conversation already in a session: rendered
         after a placeholder turn and cut after it, so the template's default system prompt (which
-        it adds to a conversation's first turn) is not repeated."""
+        it adds to a conversation's first turn) is not repeated. Special-token strings inside the
+        messages are text, as in `encode_chat`."""
         head = [{"role": "user", "content": "\u2063"}]
         before = self.render_chat(head, add_generation_prompt=False)
-        full = self.render_chat(head + list(messages), add_generation_prompt=add_generation_prompt,
-                                enable_thinking=enable_thinking)
+        full, unhide = self._render_hidden(head + list(messages), add_generation_prompt=add_generation_prompt,
+                                           enable_thinking=enable_thinking)
         if not full.startswith(before):  # a template that is not prefix-stable: render the turn alone
             return self.encode_chat(messages, add_generation_prompt=add_generation_prompt,
                                     enable_thinking=enable_thinking)
-        return self.encode(full[len(before):], add_bos=False)
+        return self._encode_rendered(full[len(before):], unhide)
+
+    def _render_hidden(self, messages: Sequence[dict], **kw) -> tuple[str, re.Pattern | None]:
+        """The template rendered with each special-token string inside the messages' string fields
+        replaced by a marker: private-use characters around a per-call random nonce and the token's
+        index, which neither the template's own text nor a user's text can spell. Returns the text and
+        the pattern that finds the markers."""
+        if self._hide_re is None:
+            return self.render_chat(messages, **kw), None
+        nonce = secrets.token_hex(8)
+        index = self._special_index
+
+        def hide(value):
+            if not isinstance(value, str):
+                return value
+            return self._hide_re.sub(lambda m: f"\U000F0000{nonce}.{index[m.group(0)]}\U000F0001", value)
+
+        hidden = [{k: hide(v) for k, v in m.items()} if isinstance(m, dict) else m for m in messages]
+        return self.render_chat(hidden, **kw), re.compile(f"\U000F0000{nonce}\\.(\\d+)\U000F0001")
+
+    def _encode_rendered(self, text: str, unhide: re.Pattern | None) -> list[int]:
+        """Ids of a rendered template: the special-token strings in it (the template's own, as the
+        messages' were hidden) are control tokens; the text between them, with the hidden strings put
+        back, is encoded as text — split where the backend itself splits around added tokens."""
+        if self._split_re is None:
+            return self.encode(text, add_bos=False)
+        ids: list[int] = []
+        for i, part in enumerate(self._split_re.split(text)):
+            if i % 2:  # a control token the template wrote
+                ids.append(self.backend.token_to_id(part if part in self._special_index else part.strip()))
+            elif part:
+                if unhide is not None:
+                    part = unhide.sub(lambda m: self._specials[int(m.group(1))], part)
+                ids += self._plain.encode(part, add_special_tokens=False).ids
+        return ids
 
     def stream(self) -> "StreamDecoder":
         return StreamDecoder(self)
