@@ -12,6 +12,9 @@
         print(s.refresh().cost_accrued, s.tier)
     # leaving the block deletes the session and stops its meter
 
+Over TLS (the server's ``--tls-cert``): ``Client("rs.example.com:50051", api_key=KEY, secure=True,
+ca="ca.pem")``; add ``client_cert=`` / ``client_key=`` where the server asks for client certificates.
+
 Every failed call raises a :mod:`ringserve.client.errors` subclass of :class:`RingServeError`;
 only UNAVAILABLE is retried (with backoff, inside the call's deadline). ``AsyncClient`` offers
 the same calls on asyncio.

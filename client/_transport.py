@@ -8,15 +8,19 @@
 - UNAVAILABLE is retried per :class:`RetryPolicy`; a stream only while none of its messages
   has arrived;
 - a failure leaves as a :class:`~ringserve.client.errors.RingServeError` subclass.
+
+:class:`Tls` says how the channel is secured (plaintext, TLS with the system's roots or a CA
+bundle, a client certificate for mTLS).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Union
 
 import grpc
 import grpc.aio
@@ -55,20 +59,69 @@ class CallSettings:
         return max(deadline - time.monotonic(), _MIN_ATTEMPT_TIMEOUT)
 
 
-def _credentials(secure: bool, credentials: grpc.ChannelCredentials | None) -> grpc.ChannelCredentials | None:
-    if credentials is not None:
-        return credentials
-    return grpc.ssl_channel_credentials() if secure else None
+PEM = Union[str, bytes, "os.PathLike[str]"]  # a file path, or the PEM bytes themselves
+
+
+def _pem(value: PEM | None, what: str) -> bytes | None:
+    if value is None or isinstance(value, bytes):
+        return value
+    try:
+        with open(value, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ValueError(f"cannot read the {what} {os.fspath(value)!r}: {e.strerror}") from e
+    if b"-----BEGIN " not in data:
+        raise ValueError(f"the {what} {os.fspath(value)!r} is not PEM (expected '-----BEGIN ...')")
+    return data
+
+
+@dataclass(frozen=True)
+class Tls:
+    """How a client's channel is secured.
+
+    secure: TLS; with ``ca`` None the server's certificate is checked against the system's roots.
+    ca: PEM CA bundle (a path or bytes) that signed the server's certificate (implies TLS).
+    client_cert / client_key: PEM certificate and key this client presents (mTLS; implies TLS).
+    server_name: the name the server's certificate must carry, when it differs from the host in
+        ``address`` (e.g. connecting to ``localhost`` through a port-forward).
+    credentials: explicit ``grpc.ChannelCredentials`` instead of all of the above (implies TLS).
+    """
+
+    secure: bool = False
+    ca: PEM | None = None
+    client_cert: PEM | None = None
+    client_key: PEM | None = None
+    server_name: str | None = None
+    credentials: grpc.ChannelCredentials | None = None
+
+    def channel_credentials(self) -> grpc.ChannelCredentials | None:
+        """None: a plaintext channel."""
+        if self.credentials is not None:
+            return self.credentials
+        if (self.client_cert is None) != (self.client_key is None):
+            raise ValueError("a client certificate needs both client_cert and client_key")
+        if not (self.secure or self.ca is not None or self.client_cert is not None):
+            if self.server_name:
+                raise ValueError("server_name is for TLS: also pass secure=True or ca=...")
+            return None
+        return grpc.ssl_channel_credentials(root_certificates=_pem(self.ca, "CA bundle"),
+                                            private_key=_pem(self.client_key, "client key"),
+                                            certificate_chain=_pem(self.client_cert, "client certificate"))
+
+    def options(self) -> tuple[tuple[str, Any], ...]:
+        if not self.server_name:
+            return _OPTIONS
+        return _OPTIONS + (("grpc.ssl_target_name_override", self.server_name),
+                           ("grpc.default_authority", self.server_name))
 
 
 class SyncTransport:
     """Blocking RPCs over a ``grpc.Channel``."""
 
-    def __init__(self, address: str, settings: CallSettings, *, secure: bool,
-                 credentials: grpc.ChannelCredentials | None):
-        creds = _credentials(secure, credentials)
-        self.channel = (grpc.secure_channel(address, creds, options=_OPTIONS) if creds
-                        else grpc.insecure_channel(address, options=_OPTIONS))
+    def __init__(self, address: str, settings: CallSettings, tls: Tls):
+        creds, options = tls.channel_credentials(), tls.options()
+        self.channel = (grpc.secure_channel(address, creds, options=options) if creds
+                        else grpc.insecure_channel(address, options=options))
         self.stub = ringserve_pb2_grpc.RingServeStub(self.channel)
         self.settings = settings
 
@@ -116,11 +169,10 @@ class SyncTransport:
 class AsyncTransport:
     """The same RPCs over a ``grpc.aio.Channel``."""
 
-    def __init__(self, address: str, settings: CallSettings, *, secure: bool,
-                 credentials: grpc.ChannelCredentials | None):
-        creds = _credentials(secure, credentials)
-        self.channel = (grpc.aio.secure_channel(address, creds, options=_OPTIONS) if creds
-                        else grpc.aio.insecure_channel(address, options=_OPTIONS))
+    def __init__(self, address: str, settings: CallSettings, tls: Tls):
+        creds, options = tls.channel_credentials(), tls.options()
+        self.channel = (grpc.aio.secure_channel(address, creds, options=options) if creds
+                        else grpc.aio.insecure_channel(address, options=options))
         self.stub = ringserve_pb2_grpc.RingServeStub(self.channel)
         self.settings = settings
 

@@ -21,7 +21,7 @@ from ringserve.proto.ringserve.v1 import ringserve_pb2 as pb
 
 from . import _wire, errors
 from ._progress import ProgressArg
-from ._transport import AsyncTransport, CallSettings
+from ._transport import PEM, AsyncTransport, CallSettings, Tls
 from .session import GenerationView, SessionEvents, SessionView
 
 
@@ -148,9 +148,11 @@ class AsyncClient:
 
     def __init__(self, address: str, api_key: str | None = None, *, timeout: float = 30.0,
                  stream_timeout: float = 3600.0, retries: int = 4, secure: bool = False,
-                 credentials: grpc.ChannelCredentials | None = None):
+                 ca: PEM | None = None, client_cert: PEM | None = None, client_key: PEM | None = None,
+                 server_name: str | None = None, credentials: grpc.ChannelCredentials | None = None):
         settings = CallSettings.make(api_key, timeout, stream_timeout, retries)
-        self._transport = AsyncTransport(address, settings, secure=secure, credentials=credentials)
+        tls = Tls(secure, ca, client_cert, client_key, server_name, credentials)
+        self._transport = AsyncTransport(address, settings, tls)
 
     def create_session(self, text: str | None = None, *, tokens: Iterable[int] | None = None,
                        messages: _wire.Messages | None = None, ttl: _wire.TTL | None = None,

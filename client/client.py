@@ -12,7 +12,7 @@ from ringserve.proto.ringserve.v1 import ringserve_pb2 as pb
 
 from . import _wire
 from ._progress import ProgressArg
-from ._transport import CallSettings, SyncTransport
+from ._transport import PEM, CallSettings, SyncTransport, Tls
 from .session import Session, session_stream
 
 
@@ -26,17 +26,25 @@ class Client:
         stream_timeout: seconds for each streaming call (create, append, generate), retries included.
         retries: retries after a first attempt that failed with UNAVAILABLE (nothing else is
             retried); backoff is exponential with full jitter, base 0.2 s, cap 5 s.
-        secure: use TLS with the system's root certificates.
-        credentials: explicit ``grpc.ChannelCredentials`` (implies TLS).
+        secure: use TLS; the server's certificate is checked against ``ca``, else the system's roots.
+        ca: PEM CA bundle that signed the server's certificate, as a path or bytes (implies TLS).
+        client_cert, client_key: PEM certificate and key presented to a server that requires client
+            certificates (mTLS), as paths or bytes (imply TLS).
+        server_name: the name to expect in the server's certificate when it is not the host of
+            ``address`` (e.g. ``localhost`` through a port-forward to ``ringserve.example.com``).
+        credentials: explicit ``grpc.ChannelCredentials`` instead of the TLS arguments (implies TLS).
 
-    Use it as a context manager, or call :meth:`close`.
+    A plaintext client cannot talk to a TLS port (the call fails with UNAVAILABLE), nor a TLS
+    client to a plaintext one. Use it as a context manager, or call :meth:`close`.
     """
 
     def __init__(self, address: str, api_key: str | None = None, *, timeout: float = 30.0,
                  stream_timeout: float = 3600.0, retries: int = 4, secure: bool = False,
-                 credentials: grpc.ChannelCredentials | None = None):
+                 ca: PEM | None = None, client_cert: PEM | None = None, client_key: PEM | None = None,
+                 server_name: str | None = None, credentials: grpc.ChannelCredentials | None = None):
         settings = CallSettings.make(api_key, timeout, stream_timeout, retries)
-        self._transport = SyncTransport(address, settings, secure=secure, credentials=credentials)
+        tls = Tls(secure, ca, client_cert, client_key, server_name, credentials)
+        self._transport = SyncTransport(address, settings, tls)
 
     def create_session(self, text: str | None = None, *, tokens: Iterable[int] | None = None,
                        messages: _wire.Messages | None = None, ttl: _wire.TTL | None = None,

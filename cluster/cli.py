@@ -50,6 +50,15 @@ def _add_serve(sub):
     p.add_argument("--redis-url", default=None, help="Redis for sessions and KV (default: start a local redis-server)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray (default: all)")
     p.add_argument("--http-port", type=int, default=None, help="Serve's HTTP proxy port (default 8000)")
+    p.add_argument("--max-receive-bytes", type=int, default=None,
+                   help="largest request message accepted; bigger ones get RESOURCE_EXHAUSTED (default 64 MiB)")
+    t = p.add_argument_group("TLS (default: plaintext, for clients on this machine)")
+    t.add_argument("--tls-cert", default=None, help="PEM certificate chain of the server: gRPC over TLS on --port")
+    t.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert (unencrypted)")
+    t.add_argument("--tls-client-ca", default=None,
+                   help="PEM CA bundle: clients must present a certificate it signed (mutual TLS)")
+    t.add_argument("--plaintext-port", type=int, default=None,
+                   help="with TLS: Serve's own plaintext gRPC port, for this machine (default: a free port)")
     d = p.add_argument_group("Ray dashboard")
     d.add_argument("--dashboard-port", type=int, default=None,
                    help="port of the Ray dashboard (default 8265, or the next free one)")
@@ -79,15 +88,31 @@ def cmd_serve(args) -> int:
     import time
     from dataclasses import replace
 
-    from ringserve.cluster.config import ApiKey, ServeConfig
-    from ringserve.cluster.serve_app import LocalRay, LocalRedis, start, stop
+    from ringserve.cluster.config import ApiKey, ServeConfig, TlsConfig
+    from ringserve.cluster.serve_app import LocalRay, LocalRedis, free_port, start, stop
 
     cfg = ServeConfig.from_yaml(args.config) if args.config else ServeConfig.from_dict({
         "group": {"sp": 2, "num_cpus_per_rank": 0.25, "kv_device_bytes": 256 << 20, "kv_host_bytes": 512 << 20}})
     key = args.api_key or ("rs-dev-" + secrets.token_hex(12))
-    changes = {"api_keys": cfg.api_keys + (ApiKey.from_plain(key, "dev", admin=True),)}
-    if args.port:
+    # plaintext calls are for this machine only (cluster/tls.py: transport_refusal)
+    changes = {"api_keys": cfg.api_keys + (ApiKey.from_plain(key, "dev", admin=True),), "plaintext_peers": "loopback"}
+    tls = cfg.tls
+    if args.tls_cert or args.tls_key or args.tls_client_ca:
+        if not (args.tls_cert and args.tls_key):
+            raise UserError("--tls-cert and --tls-key go together (and --tls-client-ca needs both)")
+        tls = TlsConfig(cert_file=args.tls_cert, key_file=args.tls_key, client_ca_file=args.tls_client_ca,
+                        port=cfg.tls.port if cfg.tls else cfg.grpc_port)
+        changes["grpc_port"] = free_port()  # Serve's plaintext port moves aside; clients use TLS on --port
+    if tls is not None:
+        changes["tls"] = replace(tls, port=args.port) if args.port else tls
+        if args.plaintext_port:
+            changes["grpc_port"] = args.plaintext_port
+    elif args.port:
         changes["grpc_port"] = args.port
+    if args.plaintext_port and tls is None:
+        raise UserError("--plaintext-port is for TLS (--tls-cert, --tls-key); without TLS use --port")
+    if args.max_receive_bytes:
+        changes["max_receive_bytes"] = args.max_receive_bytes
     if args.http_port:
         changes["http_port"] = args.http_port
     if args.groups:
@@ -147,8 +172,19 @@ def serve_banner(cfg, key: str, redis_url: str, info) -> str:
     how to sign in to it, where Prometheus finds the metrics."""
     from ringserve.cluster.serve_app import DEFAULT_RAY_TOKEN_FILE
 
-    lines = [f"ringserve is serving gRPC on localhost:{cfg.grpc_port} ({cfg.groups} group(s) of {cfg.group.sp} "
-             f"ranks, model {cfg.model}, Redis {redis_url})"]
+    what = (f"{cfg.groups} group(s) of {cfg.group.sp} ranks, model {cfg.model}, Redis {redis_url}")
+    if cfg.tls is not None:
+        api_port = cfg.tls.port
+        lines = [f"ringserve is serving gRPC over TLS on port {api_port} of every interface ({what})",
+                 f"  certificate {cfg.tls.cert_file}; "
+                 + (f"client certificates required (mutual TLS), signed by {cfg.tls.client_ca_file}"
+                    if cfg.tls.client_ca_file else "no client certificates asked (API keys authenticate)"),
+                 f"  plaintext gRPC for this machine only: localhost:{cfg.grpc_port}"]
+    else:
+        api_port = cfg.grpc_port
+        lines = [f"ringserve is serving gRPC on localhost:{api_port} ({what})",
+                 "  PLAINTEXT (no TLS), for clients on this machine; to serve other machines start it with "
+                 "--tls-cert and --tls-key"]
     if info is not None and info.dashboard_url:
         lines.append(f"Ray dashboard: {info.dashboard_url}")
         if info.token_source:
@@ -172,10 +208,15 @@ def serve_banner(cfg, key: str, redis_url: str, info) -> str:
         if info.service_discovery:
             lines.append(f"  every node's endpoint, for Prometheus file_sd: {info.service_discovery}")
         lines.append("  scrape config and alerts: deploy/prometheus/; Grafana dashboard: deploy/grafana/ringserve.json")
+    connect = f"Client('localhost:{api_port}', api_key='{key}')"
+    if cfg.tls is not None:
+        connect = (f"Client('localhost:{api_port}', api_key='{key}', secure=True, ca='ca.pem'"
+                   + (", client_cert='client.pem', client_key='client.key'" if cfg.tls.client_ca_file else "")
+                   + f")  # ca.pem: the CA that signed {cfg.tls.cert_file}")
     lines += [f"development API key (tenant 'dev', admin): {key}",
               "try:\n"
               "  from ringserve.client import Client\n"
-              f"  client = Client('localhost:{cfg.grpc_port}', api_key='{key}')\n"
+              f"  client = {connect}\n"
               "  with client.create_session('Ringserve keeps long contexts on a group of workers.', ttl='1h') as s:\n"
               "      print(s.generate('What does ringserve keep?').text())",
               "Ctrl-C stops everything."]
@@ -185,6 +226,15 @@ def serve_banner(cfg, key: str, redis_url: str, info) -> str:
 def _client_args(p):
     p.add_argument("--address", default=None, help="gRPC address (default $RINGSERVE_ADDRESS or localhost:50051)")
     p.add_argument("--api-key", default=None, help="API key (default $RINGSERVE_API_KEY)")
+    p.add_argument("--tls", action="store_true", default=None,
+                   help="connect with TLS, checking the server against the system's roots (default $RINGSERVE_TLS=1)")
+    p.add_argument("--ca", default=None, help="PEM CA bundle that signed the server's certificate; implies --tls "
+                                              "(default $RINGSERVE_CA)")
+    p.add_argument("--client-cert", default=None, help="PEM client certificate, for servers that require one "
+                                                       "(default $RINGSERVE_CLIENT_CERT)")
+    p.add_argument("--client-key", default=None, help="PEM key of --client-cert (default $RINGSERVE_CLIENT_KEY)")
+    p.add_argument("--server-name", default=None,
+                   help="name the server's certificate must carry, when it is not the host of --address")
 
 
 def _add_client_commands(sub):
@@ -233,8 +283,14 @@ def _client(args):
 
     from ringserve.client import Client
 
-    return Client(args.address or os.environ.get("RINGSERVE_ADDRESS", "localhost:50051"),
-                  api_key=args.api_key or os.environ.get("RINGSERVE_API_KEY"))
+    env = os.environ
+    return Client(args.address or env.get("RINGSERVE_ADDRESS", "localhost:50051"),
+                  api_key=args.api_key or env.get("RINGSERVE_API_KEY"),
+                  secure=bool(args.tls) or env.get("RINGSERVE_TLS", "") in ("1", "true", "yes"),
+                  ca=args.ca or env.get("RINGSERVE_CA") or None,
+                  client_cert=args.client_cert or env.get("RINGSERVE_CLIENT_CERT") or None,
+                  client_key=args.client_key or env.get("RINGSERVE_CLIENT_KEY") or None,
+                  server_name=args.server_name)
 
 
 def _show(s) -> str:

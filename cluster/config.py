@@ -11,6 +11,12 @@ group: {sp: 2, num_cpus_per_rank: 0.25, kv_device_bytes: 268435456}
 api_keys:                # sha256 of each key (never the key itself)
   - {sha256: 9f86d0…, tenant: acme, admin: false}
 limits: {max_sessions: 100, max_tokens: 10000000}
+max_receive_bytes: 67108864   # largest request message the gRPC proxy accepts (RESOURCE_EXHAUSTED beyond)
+tls:                     # TLS on its own port (cluster/tls.py); omitted: plaintext only
+  port: 50443
+  cert_file: /etc/ringserve/tls/tls.crt
+  key_file: /etc/ringserve/tls/tls.key
+  client_ca_file: /etc/ringserve/tls/ca.crt   # optional: clients must present a certificate it signed
 billing:                 # prices in `currency` (cluster/billing.py); omitted: the defaults below
   currency: USD
   retention:             # per 1M token-hours, by retention class and tier
@@ -56,6 +62,26 @@ class TenantLimits:
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    """TLS for the gRPC API: a listener on `port` of Serve's gRPC proxy, beside its plaintext
+    `grpc_port` (cluster/tls.py). Paths are on the Ray nodes."""
+
+    cert_file: str  # PEM certificate chain of the server (leaf first)
+    key_file: str  # PEM private key of that certificate (unencrypted)
+    client_ca_file: str | None = None  # PEM CA bundle: clients must present a certificate it signed (mTLS)
+    port: int = 50443  # the TLS listener; clients connect here
+
+    def __post_init__(self):
+        if not self.cert_file or not self.key_file:
+            raise ValueError("tls needs cert_file and key_file (PEM files on every Ray node that serves gRPC)")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"tls.port must be a TCP port, got {self.port}")
+
+
+MAX_GRPC_MESSAGE = 2**31 - 1  # gRPC's own limit (a signed 32-bit length)
+
+
+@dataclass(frozen=True)
 class ServeConfig:
     grpc_port: int = 50051
     http_port: int = 8000  # Serve's HTTP proxy (KubeRay's readiness probe uses it)
@@ -76,6 +102,21 @@ class ServeConfig:
     # a YAML/JSON list of {sha256, tenant, admin} (e.g. a mounted Kubernetes Secret), read in addition
     # to api_keys and re-read when it changes, so keys rotate without a restart
     api_keys_file: str | None = None
+    # bytes: the largest message the gRPC proxy receives; a bigger one is refused with RESOURCE_EXHAUSTED
+    # from its length prefix, before it is buffered. 64 MiB holds a prompt of several million tokens of text.
+    max_receive_bytes: int = 64 << 20
+    tls: TlsConfig | None = None  # None: plaintext only (keep grpc_port on loopback / inside the cluster)
+    # who may call over plaintext (grpc_port): "any" host, or "loopback" only (`ringserve serve`). With tls
+    # set, plaintext is for loopback callers whatever this says (cluster/tls.py: transport_refusal).
+    plaintext_peers: str = "any"
+
+    def __post_init__(self):
+        if self.plaintext_peers not in ("any", "loopback"):
+            raise ValueError(f"plaintext_peers must be 'any' or 'loopback', got {self.plaintext_peers!r}")
+        if not 0 < self.max_receive_bytes <= MAX_GRPC_MESSAGE:
+            raise ValueError(f"max_receive_bytes must be in 1..{MAX_GRPC_MESSAGE}, got {self.max_receive_bytes}")
+        if self.tls is not None and self.tls.port in (self.grpc_port, self.http_port):
+            raise ValueError(f"tls.port {self.tls.port} is also grpc_port or http_port: give TLS its own port")
 
     @classmethod
     def from_dict(cls, d: dict) -> "ServeConfig":
@@ -98,6 +139,8 @@ class ServeConfig:
             d["limits"] = TenantLimits(**d["limits"])
         if "billing" in d:
             d["billing"] = Rates.from_dict(d["billing"])
+        if isinstance(d.get("tls"), dict):
+            d["tls"] = TlsConfig(**d["tls"])
         if "api_keys" in d:
             d["api_keys"] = tuple(k if isinstance(k, ApiKey) else ApiKey(**k) for k in d["api_keys"])
         return cls(**d)

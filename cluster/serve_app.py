@@ -5,7 +5,9 @@
     stop(redis, timeout_s=8)        # all of it again, bounded in time
 
 The gRPC proxy serves `ringserve.v1.RingServe` (plus reflection); Serve's HTTP proxy starts too
-(KubeRay's readiness probe uses it).
+(KubeRay's readiness probe uses it). With `cfg.tls` the same proxy also listens with TLS on its own
+port (cluster/tls.py); its max message size is `cfg.max_receive_bytes`. Both reach the proxy through
+the environment of the Ray nodes (`proxy_env`), so `start` sets them before it starts Ray.
 """
 
 from __future__ import annotations
@@ -23,9 +25,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .config import ServeConfig
+from .tls import HOOK as TLS_HOOK
+from .tls import check_files, proxy_env
 
 SERVICER = "ringserve.proto.ringserve.v1.ringserve_pb2_grpc.add_RingServeServicer_to_server"
 HEALTH = "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server"  # standard grpc.health.v1
+# what Serve's gRPC proxy registers: the API, health, and the hook that adds the TLS port (a no-op
+# on a node whose environment asks for no TLS)
+GRPC_SERVICER_FUNCTIONS = (SERVICER, HEALTH, TLS_HOOK)
 APP_NAME = "ringserve"
 DEFAULT_RAY_TOKEN_FILE = str(Path.home() / ".ray" / "auth_token")  # where Ray keeps a local cluster's token
 
@@ -71,19 +78,39 @@ def start(cfg: ServeConfig, local: LocalRay | None = None, *, num_cpus: int | No
 
     if not cfg.redis_url:
         raise ValueError("redis_url is required (ringserve serve starts a local redis-server when none is given)")
+    if cfg.tls is not None:
+        check_files(cfg.tls)
+        _check_port_free(cfg.tls.port, "tls.port")
     local = local or LocalRay(num_cpus=num_cpus)
     info = None
-    if not ray.is_initialized():
+    env = proxy_env(cfg)
+    if ray.is_initialized():
+        # the proxy inherits the environment Ray started with; a TLS setting missing there would
+        # leave the API without its TLS port, so refuse instead of serving plaintext only
+        stale = sorted(k for k, v in env.items() if os.environ.get(k) != v)
+        if stale and cfg.tls is not None:
+            raise ValueError(f"Ray was started without {', '.join(stale)}: set os.environ.update("
+                             "ringserve.cluster.tls.proxy_env(cfg)) before ray.init, or let start() start Ray")
+    else:
+        os.environ.update(env)
         if local.token_file:
             _use_token_file(local.token_file)
         ctx = ray.init(num_cpus=local.num_cpus, include_dashboard=local.dashboard,
                        dashboard_host=local.dashboard_host, dashboard_port=local.dashboard_port, log_to_driver=False)
         info = _ray_info(ctx, local)
     serve.start(http_options={"host": "127.0.0.1", "port": cfg.http_port},
-                grpc_options=gRPCOptions(port=cfg.grpc_port, grpc_servicer_functions=[SERVICER, HEALTH],
+                grpc_options=gRPCOptions(port=cfg.grpc_port, grpc_servicer_functions=list(GRPC_SERVICER_FUNCTIONS),
                                          enable_reflection=True))
     serve.run(build_app(cfg), name=APP_NAME, route_prefix="/")
     return info
+
+
+def _check_port_free(port: int, what: str) -> None:
+    with socket.socket(socket.AF_INET6 if socket.has_ipv6 else socket.AF_INET) as s:
+        try:
+            s.bind(("", port))
+        except OSError as e:
+            raise ValueError(f"{what} {port} is not free ({e.strerror}): choose another port") from e
 
 
 def _use_token_file(path: str) -> None:
