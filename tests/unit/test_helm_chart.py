@@ -30,6 +30,11 @@ VALUE_SETS = {
                         "metrics": {"podMonitor": {"enabled": True, "labels": {"release": "kps"}}}},
     "metrics-off": {"metrics": {"enabled": False}, "networkPolicy": {"enabled": False},
                     "apiKeys": {"existingSecret": "my-keys"}, "billing": {"redisUrl": "redis://billing:6379/0"}},
+    "mtls-loadbalancer": {"serve": {"tls": {"enabled": True, "secretName": "rs-tls",
+                                            "clientCA": {"secretName": "rs-client-ca"}},
+                                    "grpcService": {"type": "LoadBalancer",
+                                                    "loadBalancerSourceRanges": ["203.0.113.0/24"]}},
+                          "networkPolicy": {"monitoring": {"namespace": "monitoring"}}},
 }
 
 
@@ -187,8 +192,9 @@ def test_the_fields_the_chart_relies_on(rendered):
 def test_redis_statefulset_aof_pvc_and_network_policy(rendered):
     name, _, docs = rendered
     sts = by_kind(docs, "StatefulSet")
+    redis_policies = [p for p in by_kind(docs, "NetworkPolicy") if p["metadata"]["name"] == "rs-ringserve-redis"]
     if name == "external-redis":
-        assert not sts and not by_kind(docs, "NetworkPolicy") and "rs-ringserve-redis" not in \
+        assert not sts and not redis_policies and "rs-ringserve-redis" not in \
             {s["metadata"]["name"] for s in by_kind(docs, "Secret")}
         return
     (redis,) = sts
@@ -198,11 +204,10 @@ def test_redis_statefulset_aof_pvc_and_network_policy(rendered):
     assert redis["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
     (secret,) = [s for s in by_kind(docs, "Secret") if s["metadata"]["name"] == "rs-ringserve-redis"]
     assert len(secret["data"]["password"]) >= 40  # base64 of 32 random characters
-    pols = by_kind(docs, "NetworkPolicy")
     if name == "metrics-off":  # networkPolicy.enabled false
-        assert not pols
+        assert not by_kind(docs, "NetworkPolicy")
         return
-    (pol,) = pols
+    (pol,) = redis_policies
     assert pol["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "redis"
     (rule,) = pol["spec"]["ingress"]
     selector = rule["from"][0]["podSelector"]["matchLabels"]
@@ -259,3 +264,218 @@ def test_example_configs_load_and_render():
     for d in docs:
         if d["apiVersion"] in ("v1", "apps/v1", "networking.k8s.io/v1"):
             kubernetes_validate.validate(d, K8S_VERSION, strict=True)
+
+
+# --- exposure: the head Service, the gRPC API's Service, NetworkPolicies ---------------------------
+
+PRODUCTION = ROOT / "deploy" / "examples" / "values-production.yaml"
+RAY_INTERNAL_PORTS = {"dashboard", "gcs-server", "client", "metrics", "serve"}  # head ports never exposed
+
+
+def exposure_value_sets():
+    return {**VALUE_SETS, "production": yaml.safe_load(PRODUCTION.read_text()),
+            "plaintext-nodeport": {"serve": {"grpcService": {"type": "NodePort", "allowPlaintext": True}}}}
+
+
+def head_pod(docs: list[dict]) -> dict:
+    """The head pod as KubeRay makes it: the template plus the labels KubeRay adds (ray.io/serve is
+    "true" once the Serve proxy is ready)."""
+    tpl = by_kind(docs, "RayService")[0]["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]
+    labels = {**tpl["metadata"]["labels"], "ray.io/node-type": "head", "ray.io/cluster": "rs-ringserve-x7k2p",
+              "ray.io/serve": "true"}
+    return {"labels": labels, "ports": {p["name"]: p["containerPort"] for p in tpl["spec"]["containers"][0]["ports"]}}
+
+
+def worker_pod(docs: list[dict]) -> dict:
+    tpl = by_kind(docs, "RayService")[0]["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]
+    labels = {**tpl["metadata"]["labels"], "ray.io/node-type": "worker", "ray.io/cluster": "rs-ringserve-x7k2p"}
+    return {"labels": labels, "ports": {p["name"]: p["containerPort"] for p in tpl["spec"]["containers"][0]["ports"]}}
+
+
+def selects(selector: dict | None, labels: dict) -> bool:
+    """A Kubernetes label selector (matchLabels + matchExpressions); {} selects everything."""
+    selector = selector or {}
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for e in selector.get("matchExpressions", []):
+        has, value = e["key"] in labels, labels.get(e["key"])
+        ok = {"In": has and value in e.get("values", []), "NotIn": not has or value not in e.get("values", []),
+              "Exists": has, "DoesNotExist": not has}[e["operator"]]
+        if not ok:
+            return False
+    return True
+
+
+def admitted(policies: list[dict], pod: dict, port: int, source: dict | None) -> bool:
+    """Whether the NetworkPolicies let `source` open TCP `port` on `pod` (in the release's namespace
+    "ml"). source: {"namespace": ..., "labels": {...}} for a pod, None for a client outside the cluster."""
+    mine = [p for p in policies if "Ingress" in p["spec"].get("policyTypes", ["Ingress"])
+            and selects(p["spec"]["podSelector"], pod["labels"])]
+    if not mine:
+        return True  # no policy selects the pod: everything is let in
+
+    def port_ok(rule) -> bool:
+        if "ports" not in rule:
+            return True
+        for p in rule["ports"]:
+            want = p.get("port")
+            if p.get("protocol", "TCP") == "TCP" and (want is None or want == port or pod["ports"].get(want) == port):
+                return True
+        return False
+
+    def peer_ok(peer) -> bool:
+        if "ipBlock" in peer:
+            return source is None
+        if source is None:
+            return False
+        ns_labels = {"kubernetes.io/metadata.name": source["namespace"]}
+        if "namespaceSelector" in peer:
+            if not selects(peer["namespaceSelector"], ns_labels):
+                return False
+        elif source["namespace"] != "ml":
+            return False
+        return "podSelector" not in peer or selects(peer["podSelector"], source["labels"])
+
+    return any(port_ok(rule) and (not rule.get("from") or any(peer_ok(x) for x in rule["from"]))
+               for p in mine for rule in p["spec"].get("ingress", []))
+
+
+def api_port(values: dict) -> tuple[str, int]:
+    serve = values.get("serve", {})
+    tls = serve.get("tls", {})
+    return ("grpc-tls", tls.get("port", 9443)) if tls.get("enabled") else ("serve-grpc", serve.get("grpcPort", 9000))
+
+
+@pytest.mark.parametrize("name", list(exposure_value_sets()))
+def test_nothing_exposed_outside_the_cluster_reaches_the_heads_ray_ports(name):
+    """Rendered with production values (and the others): the head Service KubeRay makes is ClusterIP,
+    no serveService override changes that, and every LoadBalancer / NodePort Service that selects the
+    head targets the gRPC API port only — never the dashboard, GCS, Ray client, metrics or HTTP port."""
+    values = exposure_value_sets()[name]
+    docs = render(values)
+    rs = by_kind(docs, "RayService")[0]["spec"]
+    assert rs["rayClusterConfig"]["headGroupSpec"]["serviceType"] == "ClusterIP"
+    assert "serveService" not in rs  # KubeRay's serve Service takes the head's ClusterIP type
+    head = head_pod(docs)
+    port_name, port = api_port(values)
+    exposed = [s for s in by_kind(docs, "Service") if s["spec"].get("type", "ClusterIP") in ("LoadBalancer", "NodePort")]
+    for svc in exposed:
+        if not selects({"matchLabels": svc["spec"]["selector"]}, head["labels"]):
+            continue
+        for p in svc["spec"]["ports"]:
+            target = p.get("targetPort", p["port"])
+            named = target if isinstance(target, str) else next((n for n, v in head["ports"].items() if v == target), None)
+            assert named not in RAY_INTERNAL_PORTS, (svc["metadata"]["name"], p)
+            assert named == port_name and head["ports"][named] == port, (svc["metadata"]["name"], p)
+    (api,) = [s for s in by_kind(docs, "Service") if s["metadata"]["name"] == "rs-ringserve-grpc"]
+    assert selects({"matchLabels": api["spec"]["selector"]}, head["labels"])
+    assert not selects({"matchLabels": api["spec"]["selector"]}, {**head["labels"], "ray.io/serve": "false"})
+    assert not selects({"matchLabels": api["spec"]["selector"]}, worker_pod(docs)["labels"])
+    if name == "production":
+        assert api["spec"]["type"] == "LoadBalancer" and api["spec"]["ports"][0]["targetPort"] == "grpc-tls"
+        assert api["spec"]["ports"][0]["port"] == 443 and exposed == [api]
+
+
+@pytest.mark.parametrize("name", ["default", "production", "mtls-loadbalancer"])
+def test_network_policies_admit_only_the_api_from_outside_the_release(name):
+    values = exposure_value_sets()[name]
+    docs = render(values)
+    policies = by_kind(docs, "NetworkPolicy")
+    for pol in policies:
+        kubernetes_validate.validate(pol, K8S_VERSION, strict=True)
+    head, worker = head_pod(docs), worker_pod(docs)
+    _, port = api_port(values)
+    internal = {n: head["ports"][n] for n in RAY_INTERNAL_PORTS if n in head["ports"]}
+    internal["serve-grpc"] = head["ports"]["serve-grpc"]
+    if port == internal["serve-grpc"]:  # without TLS Serve's plaintext gRPC port is the API
+        del internal["serve-grpc"]
+    assert {"dashboard", "gcs-server", "client", "metrics", "serve"} <= set(internal)
+    raylet = 52365  # a Ray port the chart does not name (dashboard agent): closed to outsiders too
+    outsiders = {"internet": None, "another namespace": {"namespace": "apps", "labels": {"app": "x"}},
+                 "another app in the namespace": {"namespace": "ml", "labels": {"app.kubernetes.io/name": "web"}},
+                 "this release's redis": {"namespace": "ml", "labels": {"app.kubernetes.io/name": "ringserve",
+                                                                        "app.kubernetes.io/instance": "rs",
+                                                                        "app.kubernetes.io/component": "redis"}}}
+    for who, src in outsiders.items():
+        assert admitted(policies, head, port, src), who
+        for pname, number in list(internal.items()) + [("raylet", raylet)]:
+            assert not admitted(policies, head, number, src), (who, pname)
+        assert not admitted(policies, worker, port, src) and not admitted(policies, worker, 9000, src), who
+    release = {"namespace": "ml", "labels": worker["labels"]}
+    for number in list(internal.values()) + [port, raylet, 6379]:
+        assert admitted(policies, head, number, release) and admitted(policies, worker, number,
+                                                                      {"namespace": "ml", "labels": head["labels"]})
+    operator = {"namespace": "kuberay", "labels": {"app.kubernetes.io/name": "kuberay-operator"}}
+    assert admitted(policies, head, internal["dashboard"], operator) and admitted(policies, head, internal["serve"],
+                                                                                  operator)
+    assert not admitted(policies, head, internal["gcs-server"], operator)
+    monitoring = {"namespace": "monitoring", "labels": {"app.kubernetes.io/name": "prometheus"}}
+    scrapes = name != "default"  # the others name a monitoring namespace
+    assert admitted(policies, head, internal["metrics"], monitoring) == scrapes
+    assert admitted(policies, worker, worker["ports"]["metrics"], monitoring) == scrapes
+    assert not admitted(policies, head, internal["dashboard"], monitoring)
+    # the evaluator itself bites: with the policies gone, everything is open
+    assert admitted([], head, internal["dashboard"], None)
+
+
+def test_grpc_sources_can_be_narrowed():
+    docs = render({"networkPolicy": {"grpcFrom": [{"ipBlock": {"cidr": "10.0.0.0/8"}},
+                                                  {"namespaceSelector": {"matchLabels": {"team": "apps"}}}]}})
+    policies = by_kind(docs, "NetworkPolicy")
+    for pol in policies:
+        kubernetes_validate.validate(pol, K8S_VERSION, strict=True)
+    head = head_pod(docs)
+    assert admitted(policies, head, 9000, None)  # the listed CIDR (the evaluator treats ipBlock as "outside")
+    assert not admitted(policies, head, 9000, {"namespace": "other", "labels": {}})
+
+
+def test_tls_values_reach_serves_proxy_on_the_head():
+    """With serve.tls the head's environment is what cluster/tls.py reads (parsed by the same
+    function the proxy runs), the Secret is mounted where it points, the ServeConfig agrees, and
+    every Ray pod's proxy gets the max message size."""
+    from ray.serve.schema import ServeDeploySchema
+
+    from ringserve.cluster import tls
+    from ringserve.cluster.config import ServeConfig
+
+    values = VALUE_SETS["mtls-loadbalancer"]
+    docs = render(values)
+    rs = by_kind(docs, "RayService")[0]["spec"]
+    head_spec = rs["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
+    (c,) = head_spec["containers"]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    cfg_tls = tls.from_env(env)
+    serve = ServeDeploySchema.model_validate(yaml.safe_load(rs["serveConfigV2"]))
+    cfg = ServeConfig.from_dict(serve.applications[0].args)
+    assert cfg_tls == cfg.tls and cfg_tls.port == 9443 and cfg_tls.client_ca_file == "/etc/ringserve/client-ca/ca.crt"
+    assert tls.HOOK in serve.grpc_options.grpc_servicer_functions
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in head_spec["volumes"]}
+    assert volumes["tls"]["secret"]["secretName"] == "rs-tls"
+    assert volumes["client-ca"]["secret"]["secretName"] == "rs-client-ca"
+    for path in (cfg_tls.cert_file, cfg_tls.key_file, cfg_tls.client_ca_file):
+        vol = next(n for n, m in mounts.items() if path.startswith(m + "/"))
+        assert path.rsplit("/", 1)[1] in {i["path"] for i in volumes[vol]["secret"]["items"]}
+    assert {"name": "grpc-tls", "containerPort": 9443} in c["ports"]
+    (worker,) = rs["rayClusterConfig"]["workerGroupSpecs"]
+    wenv = {e["name"]: e.get("value") for e in worker["template"]["spec"]["containers"][0]["env"]}
+    assert tls.from_env(wenv) is None  # the API is on the head; workers' proxies stay internal
+    for e in (env, wenv):
+        assert int(e[tls.ENV_MAX_MESSAGE]) == cfg.max_receive_bytes == 64 << 20
+    plain = ServeConfig.from_dict(ServeDeploySchema.model_validate(yaml.safe_load(
+        by_kind(render({}), "RayService")[0]["spec"]["serveConfigV2"])).applications[0].args)
+    assert plain.tls is None and plain.plaintext_peers == "any"
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"serve": {"serviceType": "LoadBalancer"}}, "serve.serviceType was removed"),
+    ({"serve": {"grpcService": {"type": "LoadBalancer"}}}, "would put plaintext gRPC"),
+    ({"serve": {"grpcService": {"type": "NodePort"}}}, "would put plaintext gRPC"),
+    ({"serve": {"tls": {"enabled": True}}}, "needs serve.tls.secretName"),
+    ({"serve": {"tls": {"clientCA": {"secretName": "ca"}}}}, "clientCA is for TLS"),
+    ({"serve": {"tls": {"enabled": True, "secretName": "t", "port": 9000}}}, "must differ"),
+    ({"networkPolicy": {"monitoring": {"ports": ["Metrics!"]}}}, "/networkPolicy/monitoring/ports/0"),
+])
+def test_unsafe_exposure_values_fail_with_the_fix(values, message):
+    with pytest.raises(helm_python.HelmError, match=message):
+        render(values)

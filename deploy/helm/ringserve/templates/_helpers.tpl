@@ -62,12 +62,66 @@ ringserve.io/redis-client: {{ .Release.Name | quote }}
 {{- default (printf "%s-api-keys" (include "ringserve.fullname" .)) .Values.apiKeys.existingSecret -}}
 {{- end -}}
 
+{{/* The gRPC API: the port on the head pod the API Service targets (TLS, else Serve's plaintext
+port), its port name, and the Service's own port. */}}
+{{- define "ringserve.apiPortName" -}}
+{{- if .Values.serve.tls.enabled }}grpc-tls{{ else }}serve-grpc{{ end -}}
+{{- end -}}
+
+{{- define "ringserve.apiTargetPort" -}}
+{{- if .Values.serve.tls.enabled }}{{ .Values.serve.tls.port }}{{ else }}{{ .Values.serve.grpcPort }}{{ end -}}
+{{- end -}}
+
+{{- define "ringserve.apiServicePort" -}}
+{{- if .Values.serve.grpcService.port }}{{ .Values.serve.grpcService.port }}
+{{- else if .Values.serve.tls.enabled }}443
+{{- else }}{{ .Values.serve.grpcPort }}{{ end -}}
+{{- end -}}
+
+{{/* Labels of this release's Ray pods (head and workers), for Services and NetworkPolicies. */}}
+{{- define "ringserve.headSelector" -}}
+{{ include "ringserve.selector" . }}
+app.kubernetes.io/component: ray-head
+{{- end -}}
+
+{{/* Values that cannot work together fail here, naming the fix. */}}
+{{- define "ringserve.validate" -}}
+{{- if hasKey .Values.serve "serviceType" }}
+{{- fail "serve.serviceType was removed: the Ray head's Service (dashboard, GCS, Ray client) is always ClusterIP now; expose the gRPC API with serve.grpcService.type (and serve.tls), see deploy/README.md section 3" }}
+{{- end }}
+{{- $tls := .Values.serve.tls }}
+{{- if and $tls.enabled (not $tls.secretName) }}
+{{- fail "serve.tls.enabled needs serve.tls.secretName: a kubernetes.io/tls Secret with tls.crt and tls.key" }}
+{{- end }}
+{{- if and $tls.enabled (or (eq (int $tls.port) (int .Values.serve.grpcPort)) (eq (int $tls.port) (int .Values.serve.httpPort))) }}
+{{- fail "serve.tls.port must differ from serve.grpcPort and serve.httpPort" }}
+{{- end }}
+{{- if and $tls.clientCA.secretName (not $tls.enabled) }}
+{{- fail "serve.tls.clientCA is for TLS: set serve.tls.enabled and serve.tls.secretName too" }}
+{{- end }}
+{{- $svc := .Values.serve.grpcService }}
+{{- if and (ne $svc.type "ClusterIP") (not $tls.enabled) (not $svc.allowPlaintext) }}
+{{- fail (printf "serve.grpcService.type %s would put plaintext gRPC (API keys in the clear) outside the cluster: enable serve.tls, or set serve.grpcService.allowPlaintext if TLS ends in front of it" $svc.type) }}
+{{- end }}
+{{- end -}}
+
 {{/* The ringserve ServeConfig (cluster/config.py) the Serve app is built from. */}}
 {{- define "ringserve.serveArgs" -}}
 {{- $g := .Values.groups -}}
 {{- $b := .Values.billing -}}
 grpc_port: {{ .Values.serve.grpcPort }}
 http_port: {{ .Values.serve.httpPort }}
+max_receive_bytes: {{ .Values.serve.maxReceiveBytes | int64 }}
+{{- if .Values.serve.tls.enabled }}
+tls:
+  port: {{ .Values.serve.tls.port }}
+  cert_file: /etc/ringserve/tls/tls.crt
+  key_file: /etc/ringserve/tls/tls.key
+  {{- if .Values.serve.tls.clientCA.secretName }}
+  client_ca_file: /etc/ringserve/client-ca/{{ .Values.serve.tls.clientCA.key }}
+  {{- end }}
+{{- end }}
+plaintext_peers: any
 redis_url: {{ include "ringserve.redisUrl" . | quote }}
 {{- if $b.redisUrl }}
 billing_redis_url: {{ $b.redisUrl | quote }}
@@ -117,6 +171,58 @@ billing:
 {{- end }}
 - name: RAY_SERVE_ENABLE_TASK_EVENTS
   value: "0"
+# Serve's gRPC proxy: the largest message it receives (RESOURCE_EXHAUSTED beyond)
+- name: RAY_SERVE_GRPC_MAX_MESSAGE_SIZE
+  value: {{ .Values.serve.maxReceiveBytes | int64 | quote }}
+{{- end -}}
+
+{{/* Head only: where Serve's gRPC proxy finds its TLS port and certificates (cluster/tls.py). */}}
+{{- define "ringserve.tlsEnv" -}}
+{{- with .Values.serve.tls }}
+{{- if .enabled }}
+- name: RINGSERVE_TLS_PORT
+  value: {{ .port | quote }}
+- name: RINGSERVE_TLS_CERT
+  value: /etc/ringserve/tls/tls.crt
+- name: RINGSERVE_TLS_KEY
+  value: /etc/ringserve/tls/tls.key
+{{- if .clientCA.secretName }}
+- name: RINGSERVE_TLS_CLIENT_CA
+  value: /etc/ringserve/client-ca/{{ .clientCA.key }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{- define "ringserve.tlsVolumeMounts" -}}
+{{- if .Values.serve.tls.enabled }}
+- name: tls
+  mountPath: /etc/ringserve/tls
+  readOnly: true
+{{- if .Values.serve.tls.clientCA.secretName }}
+- name: client-ca
+  mountPath: /etc/ringserve/client-ca
+  readOnly: true
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{- define "ringserve.tlsVolumes" -}}
+{{- if .Values.serve.tls.enabled }}
+- name: tls
+  secret:
+    secretName: {{ .Values.serve.tls.secretName }}
+    items:
+      - {key: tls.crt, path: tls.crt}
+      - {key: tls.key, path: tls.key}
+{{- if .Values.serve.tls.clientCA.secretName }}
+- name: client-ca
+  secret:
+    secretName: {{ .Values.serve.tls.clientCA.secretName }}
+    items:
+      - {key: {{ .Values.serve.tls.clientCA.key }}, path: {{ .Values.serve.tls.clientCA.key }}}
+{{- end }}
+{{- end }}
 {{- end -}}
 
 {{- define "ringserve.volumeMounts" -}}
