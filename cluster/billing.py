@@ -356,9 +356,16 @@ class Ledger:
                tenant: str | None = None):
         """The session now holds `tokens` (an append or a retained turn), billing `compute`
         (prefill, cached, generated tokens) with it — even if the session was closed meanwhile, when
-        its tenant is given."""
+        its tenant is given. Sessions never shrink: a resize to fewer tokens than the open interval
+        holds (a late, out-of-order event) changes nothing and returns 'same' (its compute, if any, is
+        still billed)."""
+        if compute is None:
+            iv = self._read(sid)
+            if iv is not None and iv.tokens >= tokens:
+                return "same"
+
         def up(iv):
-            iv.tokens = tokens
+            iv.tokens = max(iv.tokens, tokens)
             return iv
         return self._change(sid, event, t, up, compute, tenant)
 
@@ -403,8 +410,12 @@ class Ledger:
         """Bill one request's tokens (no change to retention). Returns its cost in nano-units."""
         self.fault("read")
         rec = self._compute_record(sid, tenant, _ms(t), prefill, cached, generated, event)
-        self._write(sid, tenant, event, "*", "keep", [rec])
+        self._write(sid, tenant, event, "*", "keep", [rec], tenant=tenant)
         return rec["rec"]["nanos"]
+
+    def applied(self, sid: str, event: str) -> bool:
+        """Whether the session's event was applied (kept 35 days after the session closed)."""
+        return bool(self.client.sismember(f"{P}ev:{sid}", f"{sid}:{event}"))
 
     def close_hours(self, now: float | None = None, batch: int = 1000) -> int:
         """The periodic pass: close every open interval that started before the last hour boundary at

@@ -34,8 +34,8 @@ from typing import Iterator, Sequence
 import ray
 
 from .plan import StepPlan, StepResult
-from .protocol import (GenerationEnd, GroupUnhealthy, KVNotFoundError, Progress, RankStats, SamplingParams,
-                       SessionError, SessionInfo, Tier, TierBytes, TierMove)
+from .protocol import (GenerationEnd, GroupUnhealthy, KVDataLossError, KVNotFoundError, Progress, RankStats,
+                       SamplingParams, SessionError, SessionInfo, Tier, TierBytes, TierMove)
 from .scheduler import Handle, Scheduler, SchedulerConfig
 
 CONTROL = "control"  # the rank actors' concurrency group for calls answered while a step runs
@@ -154,8 +154,21 @@ class ShardWorker:
             length = st.meta(sid)["length"] if state.kind != "lost" else 0
         except KVNotFoundError:
             raise SessionError(f"session {sid!r} is not held by this group") from None
+        meta = st.meta(sid) if state.kind != "lost" else {}
+        fmt = st.kv_format(sid)
+        if meta.get("layout", {}).get("evicted"):
+            fmt = f"keep:{meta.get('keep_fraction')}"
+        g = st.geometry
+        tokens = state.tokens
+        if meta.get("layout"):  # every token of the session this rank holds, evicted ones included
+            from .layout import ShardLayout
+
+            lay = ShardLayout.from_dict(meta["layout"])
+            lay.evicted = None
+            tokens = lay.local_counts()[self.rank]
+        exact = -(-tokens // g.block) * g.page_bytes  # whole pages of the exact format, as billed
         return SessionInfo(sid, length, Tier(state.tier) if state.tier else None, state.kind, moves, retention,
-                           state.nbytes, (state.tokens,), state.persisted_tokens)
+                           state.nbytes, (state.tokens,), state.persisted_tokens, kv_format=fmt, exact_bytes=exact)
 
     @ray.method(concurrency_group=CONTROL)
     def sessions(self) -> dict[str, SessionInfo]:
@@ -168,9 +181,32 @@ class ShardWorker:
         return out
 
     @ray.method(concurrency_group=CONTROL)
-    def restore(self, sid: str) -> SessionInfo:
-        self.engine.restore(sid)
-        return self.describe(sid)
+    def restore(self, sid: str, expect_length: int | None = None, to: str = "device") -> SessionInfo:
+        """Adopt a session from Redis (loaded to `to`). With `expect_length`, a copy of another length (an
+        on_demote session appended to after its last demotion) is refused: KVDataLossError, and this rank
+        forgets it (its Redis copy is left to its TTL)."""
+        if sid in self.engine.store.sessions():  # held already (restored by another call): nothing to adopt
+            return self.describe(sid)
+        try:
+            self.engine.store.restore(sid, to=to)
+        except KVNotFoundError as e:
+            raise SessionError(f"session {sid!r} was never persisted to Redis ({e})") from None
+        info = self.describe(sid)
+        if expect_length is not None and info.length != expect_length:
+            self.engine.store.forget(sid)
+            raise KVDataLossError(f"session {sid!r}: the copy in Redis holds {info.length} tokens on rank "
+                                  f"{self.rank}, the session {expect_length}; it was appended to after its last "
+                                  "copy was written, so the copy is stale and was not loaded")
+        return info
+
+    @ray.method(concurrency_group=CONTROL)
+    def forget(self, sid: str) -> None:
+        """Drop a session from this rank's memory, leaving its Redis copy (if any) to its TTL."""
+        self.engine.store.forget(sid)
+
+    @ray.method(concurrency_group=CONTROL)
+    def set_retention(self, sid: str, retention: str) -> None:
+        self.engine.store.set_retention(sid, retention)
 
     @ray.method(concurrency_group=CONTROL)
     def flush(self) -> None:
@@ -279,7 +315,7 @@ class WorkerGroup:
     def _merge(self, infos: list[SessionInfo]) -> SessionInfo:
         """Rank 0's view of a session with bytes and tokens summed over the ranks."""
         first = infos[0]
-        return replace(first, kv_bytes=sum(i.kv_bytes for i in infos),
+        return replace(first, kv_bytes=sum(i.kv_bytes for i in infos), exact_bytes=sum(i.exact_bytes for i in infos),
                        local_tokens=tuple(t for i in infos for t in i.local_tokens))
 
     def _tick_loop(self) -> None:
@@ -334,6 +370,13 @@ class WorkerGroup:
         finally:
             h.cancel()  # a consumer that stops reading stops the work
 
+    def set_format(self, sid: str, kv_format: str, keep_fraction: float | None = None) -> SessionInfo:
+        """Move a session to a smaller KV format ("fp8", "int4"), or keep a fraction of its tokens
+        (kv_format "keep"), at a step boundary between its requests."""
+        opts = {"kv_format": kv_format, "keep_fraction": keep_fraction}
+        return _last(self.describe(sid) if isinstance(x, SessionInfo) else x
+                     for x in self.submit("convert", sid, [], opts=opts))
+
     def drop(self, sid: str) -> None:
         """Delete a session on every rank at the next step boundary (its running request ends first)."""
         self.scheduler.drop(sid).result(timeout=self.cfg.call_timeout_s)
@@ -342,9 +385,27 @@ class WorkerGroup:
 
     # -- control calls (answered while a step runs)
 
-    def restore(self, sid: str) -> SessionInfo:
-        """Adopt a session persisted to Redis by another group with the same number of ranks."""
-        return self._merge(self._all([a.restore.remote(sid) for a in self.ranks]))
+    def restore(self, sid: str, expect_length: int | None = None, to: str = "device") -> SessionInfo:
+        """Adopt a session persisted to Redis by another group with the same number of ranks. With
+        `expect_length`, every rank's copy must hold that many tokens, else no rank keeps it and
+        KVDataLossError says which rank disagreed."""
+        refs = [a.restore.remote(sid, expect_length, to) for a in self.ranks]
+        if expect_length is None:
+            return self._merge(self._all(refs))
+        infos, error = [], None
+        for ref in refs:  # every rank answers before anything is decided
+            try:
+                infos.append(self._all([ref])[0])
+            except KVDataLossError as e:
+                error = error or e
+        if error is not None:
+            self._all([a.forget.remote(sid) for a in self.ranks])
+            raise error
+        return self._merge(infos)
+
+    def set_retention(self, sid: str, retention: str) -> None:
+        """Change a session's retention class on every rank (the tier policy reads it at its next tick)."""
+        self._all([a.set_retention.remote(sid, retention) for a in self.ranks])
 
     def flush(self) -> None:
         """Wait until every rank's pending write-through reached Redis."""

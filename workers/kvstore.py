@@ -381,6 +381,26 @@ class KVStore:
             if self.rkv is not None and s.entries:
                 self.rkv.expire(s.id, s.entries, self._ttl_ms(s))
 
+    def set_retention(self, session_id: str, retention: str) -> None:
+        """Change the session's retention class; the tier policy applies it from its next tick (a session
+        made "hot" is promoted to the device with its next request and then stays there)."""
+        if retention not in RETENTIONS:
+            raise ValueError(f"retention must be one of {RETENTIONS}, got {retention!r}")
+        with self._lock:
+            self._session(session_id, allow_lost=True).retention = retention
+
+    def forget(self, session_id: str) -> None:
+        """Drop a session from this store's memory (its pages are freed once unpinned) without touching
+        its Redis copy, which expires by its TTL: for a copy that was adopted but must not be served."""
+        with self._lock:
+            s = self._sessions.pop(session_id, None)
+            if s is None:
+                return
+            s.dead = True
+            if not s.pins:
+                self._drop_memory(s)
+            self._redis_used -= s.redis_bytes
+
     def flush(self, timeout: float | None = 30.0) -> None:
         """Wait until queued write-throughs are done; KVUnavailableError names those that failed."""
         t0 = time.monotonic()
