@@ -428,7 +428,10 @@ def cmd_generate(args) -> int:
     loaded = load_model(args.model, device=device if args.sp == 1 else "cpu")
     tok = loaded.tokenizer
     # --raw: the prompt as the user wrote it, template and control tokens included
-    ids = tok.encode(args.prompt, special_tokens=True) if args.raw else tok.encode_chat(build_messages(args.prompt, doc))
+    if args.raw:
+        ids = tok.encode(args.prompt, special_tokens=True)
+    else:
+        ids = tok.encode_chat(build_messages(args.prompt, doc))
     stats = GenerationStats()
     stream = tok.stream()
     if len(ids) < 2:

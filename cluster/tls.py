@@ -15,6 +15,10 @@ before Ray starts (`ringserve serve` does it; the Helm chart sets it on the head
 
     RINGSERVE_TLS_PORT, RINGSERVE_TLS_CERT, RINGSERVE_TLS_KEY, RINGSERVE_TLS_CLIENT_CA (optional: mTLS)
 
+Serve's direct ingress (RAY_SERVE_ENABLE_DIRECT_INGRESS, part of RAY_SERVE_THROUGHPUT_OPTIMIZED) would
+also call the hook for each replica's own gRPC server, which would then try to take the TLS port:
+ringserve leaves it off.
+
 `proxy_env(cfg)` writes them, `from_env()` is the one place that reads them. Certificates are read
 again when their files change (checked on each new connection), so a renewed certificate — a
 Kubernetes Secret updated by cert-manager — is served without a restart.

@@ -81,7 +81,8 @@ class Tokenizer:
             + ")") if added else None
 
     def __getstate__(self):  # the plain backend's flag does not survive pickling: rebuild it
-        return {k: v for k, v in self.__dict__.items() if k not in ("_plain", "_hide_re", "_split_re", "_specials", "_special_index")}
+        derived = ("_plain", "_hide_re", "_split_re", "_specials", "_special_index")
+        return {k: v for k, v in self.__dict__.items() if k not in derived}
 
     def __setstate__(self, state):
         self.__dict__.update(state)

@@ -358,13 +358,15 @@ def test_nothing_exposed_outside_the_cluster_reaches_the_heads_ray_ports(name):
     assert "serveService" not in rs  # KubeRay's serve Service takes the head's ClusterIP type
     head = head_pod(docs)
     port_name, port = api_port(values)
-    exposed = [s for s in by_kind(docs, "Service") if s["spec"].get("type", "ClusterIP") in ("LoadBalancer", "NodePort")]
+    exposed = [s for s in by_kind(docs, "Service")
+               if s["spec"].get("type", "ClusterIP") in ("LoadBalancer", "NodePort")]
     for svc in exposed:
         if not selects({"matchLabels": svc["spec"]["selector"]}, head["labels"]):
             continue
         for p in svc["spec"]["ports"]:
             target = p.get("targetPort", p["port"])
-            named = target if isinstance(target, str) else next((n for n, v in head["ports"].items() if v == target), None)
+            named = target if isinstance(target, str) else \
+                next((n for n, v in head["ports"].items() if v == target), None)
             assert named not in RAY_INTERNAL_PORTS, (svc["metadata"]["name"], p)
             assert named == port_name and head["ports"][named] == port, (svc["metadata"]["name"], p)
     (api,) = [s for s in by_kind(docs, "Service") if s["metadata"]["name"] == "rs-ringserve-grpc"]

@@ -286,3 +286,16 @@ def test_sdk_tls_arguments_are_checked(certs, tmp_path):
         Client("localhost:1", ca=str(tmp_path / "missing.pem"))
     with pytest.raises(ValueError, match="server_name is for TLS"):
         Client("localhost:1", server_name="x")
+
+
+def test_serve_banner_says_plaintext_or_tls():
+    from ringserve.cluster.cli import serve_banner
+
+    plain = serve_banner(ServeConfig(plaintext_peers="loopback"), "k", "redis://x", None)
+    assert "gRPC on localhost:50051" in plain and "PLAINTEXT (no TLS), for clients on this machine" in plain
+    assert "--tls-cert and --tls-key" in plain and "secure=True" not in plain
+    cfg = ServeConfig(grpc_port=41000, tls=TlsConfig("/c/server.pem", "/c/server.key", "/c/clients.pem", port=50051))
+    banner = serve_banner(cfg, "k", "redis://x", None)
+    assert "gRPC over TLS on port 50051" in banner and "signed by /c/clients.pem" in banner
+    assert "plaintext gRPC for this machine only: localhost:41000" in banner and "PLAINTEXT" not in banner
+    assert "Client('localhost:50051', api_key='k', secure=True, ca='ca.pem', client_cert=" in banner
