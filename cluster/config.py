@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 from ringserve.workers.group import GroupConfig
 
 from .billing import Rates
+from .limits import InputLimits
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,9 @@ class ServeConfig:
     # bytes: the largest message the gRPC proxy receives; a bigger one is refused with RESOURCE_EXHAUSTED
     # from its length prefix, before it is buffered. 64 MiB holds a prompt of several million tokens of text.
     max_receive_bytes: int = 64 << 20
+    # bounds on what one client can make the Gateway hold: requests in flight per tenant, tokenizer
+    # threads, idempotency window (cluster/limits.py); the proxy's bound is max_receive_bytes above
+    input: InputLimits = field(default_factory=InputLimits)
     tls: TlsConfig | None = None  # None: plaintext only (keep grpc_port on loopback / inside the cluster)
     # who may call over plaintext (grpc_port): "any" host, or "loopback" only (`ringserve serve`). With tls
     # set, plaintext is for loopback callers whatever this says (cluster/tls.py: transport_refusal).
@@ -115,6 +119,9 @@ class ServeConfig:
             raise ValueError(f"plaintext_peers must be 'any' or 'loopback', got {self.plaintext_peers!r}")
         if not 0 < self.max_receive_bytes <= MAX_GRPC_MESSAGE:
             raise ValueError(f"max_receive_bytes must be in 1..{MAX_GRPC_MESSAGE}, got {self.max_receive_bytes}")
+        if self.input.max_receive_bytes and self.input.max_receive_bytes != self.max_receive_bytes:
+            raise ValueError(f"input.max_receive_bytes ({self.input.max_receive_bytes}) and max_receive_bytes "
+                             f"({self.max_receive_bytes}) disagree: set the top-level max_receive_bytes only")
         if self.tls is not None and self.tls.port in (self.grpc_port, self.http_port):
             raise ValueError(f"tls.port {self.tls.port} is also grpc_port or http_port: give TLS its own port")
 
@@ -139,6 +146,8 @@ class ServeConfig:
             d["limits"] = TenantLimits(**d["limits"])
         if "billing" in d:
             d["billing"] = Rates.from_dict(d["billing"])
+        if "input" in d:
+            d["input"] = InputLimits.from_dict(d["input"])
         if isinstance(d.get("tls"), dict):
             d["tls"] = TlsConfig(**d["tls"])
         if "api_keys" in d:

@@ -6,8 +6,8 @@
 
 The gRPC proxy serves `ringserve.v1.RingServe` (plus reflection); Serve's HTTP proxy starts too
 (KubeRay's readiness probe uses it). With `cfg.tls` the same proxy also listens with TLS on its own
-port (cluster/tls.py); its max message size is `cfg.max_receive_bytes`. Both reach the proxy through
-the environment of the Ray nodes (`proxy_env`), so `start` sets them before it starts Ray.
+port (cluster/tls.py); its max message size is `cfg.max_receive_bytes`. Both reach the proxy as
+environment variables (`proxy_env`) of the Serve controller, whose children the proxies are.
 """
 
 from __future__ import annotations
@@ -83,16 +83,7 @@ def start(cfg: ServeConfig, local: LocalRay | None = None, *, num_cpus: int | No
         _check_port_free(cfg.tls.port, "tls.port")
     local = local or LocalRay(num_cpus=num_cpus)
     info = None
-    env = proxy_env(cfg)
-    if ray.is_initialized():
-        # the proxy inherits the environment Ray started with; a TLS setting missing there would
-        # leave the API without its TLS port, so refuse instead of serving plaintext only
-        stale = sorted(k for k, v in env.items() if os.environ.get(k) != v)
-        if stale and cfg.tls is not None:
-            raise ValueError(f"Ray was started without {', '.join(stale)}: set os.environ.update("
-                             "ringserve.cluster.tls.proxy_env(cfg)) before ray.init, or let start() start Ray")
-    else:
-        os.environ.update(env)
+    if not ray.is_initialized():
         if local.token_file:
             _use_token_file(local.token_file)
         ctx = ray.init(num_cpus=local.num_cpus, include_dashboard=local.dashboard,
@@ -100,7 +91,9 @@ def start(cfg: ServeConfig, local: LocalRay | None = None, *, num_cpus: int | No
         info = _ray_info(ctx, local)
     serve.start(http_options={"host": "127.0.0.1", "port": cfg.http_port},
                 grpc_options=gRPCOptions(port=cfg.grpc_port, grpc_servicer_functions=list(GRPC_SERVICER_FUNCTIONS),
-                                         enable_reflection=True))
+                                         enable_reflection=True),
+                # the proxies are the controller's children and inherit these: max message size, TLS
+                controller_options={"runtime_env": {"env_vars": proxy_env(cfg)}})
     serve.run(build_app(cfg), name=APP_NAME, route_prefix="/")
     return info
 

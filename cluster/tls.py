@@ -10,8 +10,9 @@ status codes, streaming, deadlines and cancellation behave as on the plaintext p
       [::]:grpc_port      plaintext   (Ray binds every interface; keep it inside: loopback, the pod, a NetworkPolicy)
       [::]:tls.port       TLS / mTLS  (what clients reach)
 
-The proxy is a Ray actor, so it learns the TLS settings from its environment, set on every Ray node
-before Ray starts (`ringserve serve` does it; the Helm chart sets it on the head pod):
+The proxy is a Ray actor, so it learns the TLS settings from its environment: `serve_app.start` gives
+them to the Serve controller (`controller_options` runtime_env env_vars, which the proxies inherit);
+on Kubernetes the chart sets them on the head pod:
 
     RINGSERVE_TLS_PORT, RINGSERVE_TLS_CERT, RINGSERVE_TLS_KEY, RINGSERVE_TLS_CLIENT_CA (optional: mTLS)
 
@@ -53,8 +54,7 @@ log = logging.getLogger("ringserve.tls")
 
 
 def proxy_env(cfg: ServeConfig) -> dict[str, str]:
-    """The environment Serve's gRPC proxy needs on every Ray node: its max message size and, when
-    configured, TLS. Set it before Ray starts (the proxy inherits the raylet's environment)."""
+    """The environment Serve's gRPC proxy needs: its max message size and, when configured, TLS."""
     env = {ENV_MAX_MESSAGE: str(cfg.max_receive_bytes)}
     if cfg.tls is not None:
         env.update({ENV_PORT: str(cfg.tls.port), ENV_CERT: cfg.tls.cert_file, ENV_KEY: cfg.tls.key_file})

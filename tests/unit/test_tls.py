@@ -263,8 +263,12 @@ def test_config_checks():
         ServeConfig(max_receive_bytes=0)
     with pytest.raises(ValueError, match="its own port"):
         ServeConfig(grpc_port=9000, tls=TlsConfig("c", "k", port=9000))
-    cfg = ServeConfig.from_dict({"max_receive_bytes": 1000, "tls": {"cert_file": "c", "key_file": "k", "port": 1}})
+    cfg = ServeConfig.from_dict({"max_receive_bytes": 1000, "tls": {"cert_file": "c", "key_file": "k", "port": 1},
+                                 "input": {"max_concurrent_per_tenant": 3}})
     assert cfg.tls == TlsConfig("c", "k", None, 1) and ServeConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.input.max_concurrent_per_tenant == 3  # the Gateway's other bounds ride along (cluster/limits.py)
+    with pytest.raises(ValueError, match="set the top-level max_receive_bytes only"):  # one knob for the proxy
+        ServeConfig.from_dict({"input": {"max_receive_bytes": 5}})
 
 
 def test_unusable_files_are_named(certs, tmp_path):
