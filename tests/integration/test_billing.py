@@ -255,3 +255,18 @@ def test_many_sessions_read_at_once_equal_one_by_one(fresh):
     assert many == {sid: ledger.session_usage(sid, now=now) for sid in ("s-a", "s-b", "s-none")}
     assert many["s-a"]["open"] and many["s-a"]["billed_through"] == now
     assert many["s-none"]["token_seconds"] == {"hbm": 0, "host": 0, "redis": 0} and not many["s-none"]["open"]
+
+
+def test_compute_events_apply_once_per_bill_and_sizes_never_shrink(fresh):
+    ledger = fresh()
+    ledger.open("s-m", "acme", t=T0, tier="device", tokens=100, retention="standard", move=1)
+    for _ in range(3):  # the Gateway at the stream's end, a task after a cancel, the meter pass: one record
+        ledger.charge("s-m", "acme", "c:b1", t=T0 + 10, prefill=5, generated=7)
+    ledger.charge("s-m", "acme", "c:b2", t=T0 + 11, prefill=5, generated=7)
+    assert ledger.tenant_totals("acme")["generated_tokens"] == 14 and ledger.applied("s-m", "c:b1")
+    assert ledger.resize("s-m", "size:150", t=T0 + 20, tokens=150) == "ok"
+    assert ledger.resize("s-m", "size:120", t=T0 + 30, tokens=120) == "same"  # a late, smaller size
+    u = ledger.session_usage("s-m", now=T0 + 40)
+    assert u["token_seconds"]["hbm"] == 100 * 20 + 150 * 20
+    ledger.charge("s-x", "acme", "c:b3", t=T0, prefill=64)  # a create cancelled before it was metered
+    assert ledger.session_tenant("s-x") == "acme" and ledger.session_usage("s-x")["compute_nanos"] > 0
