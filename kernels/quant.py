@@ -157,3 +157,46 @@ def _check_dequant(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> 
         raise ValueError(f"q ({q.device}) and scale ({scale.device}) must be on the same device")
 
 
+
+
+# --------------------------------------------------------------------------------------------- int4
+#
+# 4-bit KV (format "int4" of retained sessions): x (..., D) is stored as
+#     q       (..., D / 2) uint8: channel c < D/2 in the low nibble of byte c, channel c >= D/2 in the high
+#             nibble of byte c - D/2 (so a kernel dequantizes the two halves as two dot products)
+#     params  (..., 4) float16: scale and minimum of the low half, then of the high half
+#     x[c] ≈ nibble * scale + minimum of c's half;  scale = (max - min) / 15 of the half, in fp16
+# Asymmetric per (token, head, half of the channels): KIVI-style groups of D / 2 (32-128) channels.
+
+INT4_LEVELS = 15.0
+
+
+def quantize_int4_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (..., D) -> (q (..., D/2) uint8, params (..., 4) float16)."""
+    check_float("x", x)
+    D = x.shape[-1]
+    if D % 2:
+        raise ValueError(f"int4 KV needs an even head dim, got {D}")
+    xf = x.float()
+    halves, params = [], []
+    for part in (xf[..., : D // 2], xf[..., D // 2:]):
+        lo, hi = part.amin(-1), part.amax(-1)
+        scale = ((hi - lo) / INT4_LEVELS).to(torch.float16)
+        zero = lo.to(torch.float16)
+        s32, z32 = scale.float(), zero.float()  # quantize against the stored (fp16) values
+        y = torch.where(s32[..., None] > 0, (part - z32[..., None]) / s32.clamp_min(1e-30)[..., None],
+                        torch.zeros_like(part))
+        halves.append(torch.floor(y + 0.5).clamp(0, INT4_LEVELS).to(torch.uint8))
+        params += [scale, zero]
+    return halves[0] | (halves[1] << 4), torch.stack(params, -1)
+
+
+def dequantize_int4_ref(q: torch.Tensor, params: torch.Tensor, *, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """(q (..., D/2) uint8, params (..., 4) float16) -> x (..., D) in `dtype`."""
+    if q.dtype != torch.uint8 or tuple(params.shape) != tuple(q.shape[:-1]) + (4,):
+        raise ValueError(f"expected q (..., D/2) uint8 and params (..., 4); got {q.dtype} {tuple(q.shape)} and "
+                         f"{tuple(params.shape)}")
+    p = params.float()
+    lo = (q & 15).float() * p[..., 0:1] + p[..., 1:2]
+    hi = (q >> 4).float() * p[..., 2:3] + p[..., 3:4]
+    return torch.cat([lo, hi], -1).to(dtype)

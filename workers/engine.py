@@ -130,8 +130,16 @@ class ShardEngine:
             raise SessionError(f"session {sid!r} is not held by this group") from None
 
     @staticmethod
-    def _meta(layout: ShardLayout) -> dict:
-        return {"layout": layout.to_dict(), "length": layout.length}
+    def _meta(layout: ShardLayout, base: dict | None = None, added: Sequence[int] = ()) -> dict:
+        """A session's meta after its layout changed: the layout, the length, and its last token ids (what
+        KEEP probes the future queries with), keeping what `base` held."""
+        from .keep import PROBE
+
+        m = dict(base or {})
+        m.update(layout=layout.to_dict(), length=layout.length)
+        if added:
+            m["tail"] = (list(m.get("tail", [])) + [int(t) for t in added])[-PROBE:]
+        return m
 
     def length(self, sid: str) -> int:
         """Tokens of the whole session (all ranks)."""
@@ -216,6 +224,13 @@ class ShardEngine:
         h, ex, items = self._run("append", sid, ids)
         _report(items, progress)
         return ex.last_logits.pop(h.id)
+
+    def set_format(self, sid: str, kv_format: str, keep_fraction: float | None = None) -> None:
+        """Move a session to a smaller KV format ("fp8", "int4"), or keep a fraction of its tokens ("keep",
+        chosen by expected attention — workers/keep.py)."""
+        _, _, items = self._run("convert", sid, [], opts={"kv_format": kv_format, "keep_fraction": keep_fraction})
+        for _ in items:
+            pass
 
     def generate(self, sid: str, ids: Sequence[int], params: SamplingParams = SamplingParams(), *,
                  retain: bool = False, stop_ids: frozenset[int] | None = None,
@@ -315,7 +330,8 @@ class ShardEngine:
         and if one did not, every rank raises the same KVCapacityError (with that rank's numbers), so no
         rank is left waiting in a collective the others never reach. Nothing to do when the request's
         pages were reserved up front (the scheduler's admission)."""
-        pages = self.geometry.pages_for
+        def pages(n):  # in the session's format
+            return -(-n // kv.block)
         if kv.prereserved or all(pages(a) == pages(b) for a, b in zip(after, before)):
             return
         err = None
@@ -370,6 +386,23 @@ class ShardEngine:
             items[b][0].length += 1
         self.mode_counts["decode"] += B  # tokens decoded in batches
         return y  # (B, V)
+
+    @torch.inference_mode()
+    def probe(self, kv: KVView, layout: ShardLayout, ids: Sequence[int]) -> list[torch.Tensor]:
+        """The queries (W, H, D) after RoPE at every layer of the session's own last len(ids) tokens `ids`,
+        attending the session as it is stored; nothing is written. The same on every rank."""
+        n = len(ids)
+        pos = torch.arange(layout.length - n, layout.length)
+        local = positions_of(layout.segments(self.rank))
+        kv_len = torch.searchsorted(local, pos, right=True)
+        qs: list[torch.Tensor] = []
+
+        def attn(layer, q, k, v):
+            qs.append(q.float().clone())
+            return replicated_attention(self.group, q, kv, layer, kv_len, self.scale, self.attn_backend).to(q.dtype)
+        self.model(torch.as_tensor(list(ids), device=self.device), pos.to(self.device), attn, logits="none",
+                   seq_len=layout.length)
+        return qs
 
     def _share(self, logits, src: int) -> torch.Tensor:
         """Logits (1, V) from rank `src` to every rank."""
@@ -427,8 +460,9 @@ class _BatchDecode:
     def __init__(self, eng: ShardEngine, kvs: list[KVView], owned: torch.Tensor, slots: torch.Tensor | None,
                  kv_len: torch.Tensor):
         self.eng, self.kvs, self.owned, self.slots, self.kv_len = eng, kvs, owned, slots, kv_len
-        self.gather = None  # CPU, short sessions: one gather index for every layer of this step
-        if eng.device.type == "cpu" and eng.attn_backend != "triton" and int(kv_len.max()) <= CPU_BATCH_GATHER_TOKENS:
+        self.gather = None  # CPU, short exact sessions: one gather index for every layer of this step
+        if (eng.device.type == "cpu" and eng.attn_backend != "triton" and int(kv_len.max()) <= CPU_BATCH_GATHER_TOKENS
+                and not any(kv.packed for kv in kvs)):
             self.gather = decode_gather_index(kvs, kv_len)
 
     def __call__(self, layer, q, k, v):

@@ -27,7 +27,8 @@ from .engine import ShardEngine
 from .kvpages import KVView
 from .layout import ShardLayout
 from .plan import Request, StepEvent, StepPlan, StepResult
-from .protocol import GenerationEnd, Progress, RequestCancelled, RingserveError, SamplingError, SessionError
+from .protocol import (FormatError, GenerationEnd, Progress, RequestCancelled, RingserveError, SamplingError,
+                       SessionError)
 from .ring import choose_mode
 from .sampling import make_generator, sample_batch
 
@@ -38,6 +39,8 @@ class _Active:
     def __init__(self, req: Request, kv: KVView, layout: ShardLayout, steps, *, budget: int = 0, stop=frozenset(),
                  generator=None):
         self.req, self.kv, self.layout, self.steps = req, kv, layout, steps
+        self.meta: dict = {}  # the session's meta when it was admitted (kept forward on commit)
+        self.tokens: list[int] = []  # a generate's tokens whose K/V went in (answer, end-of-turn)
         self.base = layout.length  # session tokens when it was admitted
         self.phase = "prefill"  # -> "decode" (feed the last token, sample the next) -> "closing" (feed, commit)
         self.done_tokens = 0  # prompt tokens prefilled so far
@@ -90,23 +93,82 @@ class StepExecutor:
     # -- admission -----------------------------------------------------------------------------------
 
     def _admit(self, reqs: tuple[Request, ...], events: list[StepEvent]) -> None:
-        opened: list[_Active | None] = []
+        opened: list = []
         errors: list[BaseException | None] = []
         for req in reqs:
             try:
-                opened.append(self._open(req))
+                opened.append(self._begin_convert(req) if req.kind == "convert" else self._open(req))
                 errors.append(None)
             except RingserveError as e:
                 opened.append(None)
                 errors.append(e)
         for req, act, err in zip(reqs, opened, self.eng.agree(errors)):
-            if err is None:
+            if err is not None:
+                if isinstance(act, _Active):  # it opened here but failed on another rank
+                    self._close(act)
+                elif act is not None:
+                    self.eng.store.convert_abort(act[0])
+                events.append(StepEvent(req.id, "failed", error=err))
+            elif req.kind == "convert":  # the same work on every rank now, collectives included
+                self._finish_convert(req, *act)
+                events.append(StepEvent(req.id, "done", info=self.describe(req.session) if self.describe else None))
+            else:
                 self.active[req.id] = act
                 events.append(StepEvent(req.id, "admitted"))
-                continue
-            if act is not None:  # it opened here but failed on another rank
-                self._close(act)
-            events.append(StepEvent(req.id, "failed", error=err))
+
+    # -- format changes ------------------------------------------------------------------------------
+
+    def _begin_convert(self, req: Request):
+        """Check a change of KV format and reserve its pages; (ticket, layout, meta, keep fraction)."""
+        from .kvcodec import ORDER
+        from .keep import PROBE, keep_count
+
+        eng, store = self.eng, self.eng.store
+        fmt, frac = req.opts.get("kv_format", "exact"), req.opts.get("keep_fraction")
+        if any(a.req.session == req.session for a in self.active.values()):
+            raise SessionError(f"session {req.session!r} is busy with another request")  # the scheduler prevents this
+        layout = eng._layout(req.session)
+        meta = store.meta(req.session)
+        cur = store.kv_format(req.session)
+        if fmt == "keep":
+            if not 0 < float(frac or 0) < 1:
+                raise FormatError(f"keep_fraction must be within (0, 1), got {frac}")
+            if layout.evicted:
+                raise FormatError(f"session {req.session!r} already keeps a fraction of its tokens "
+                                  f"({meta.get('keep_fraction')}); it cannot be thinned again")
+            if len(meta.get("tail", ())) < min(PROBE, layout.length):
+                raise FormatError(f"session {req.session!r} has no record of its last tokens to choose what to keep")
+            ticket = store.convert_begin(req.session, cur, keep_count(layout, eng.rank, float(frac)))
+        else:
+            if fmt not in ORDER:
+                raise FormatError(f"unknown KV format {fmt!r}; formats: {', '.join(ORDER)}, keep")
+            if ORDER[fmt] <= ORDER[cur]:
+                raise FormatError(f"session {req.session!r} is stored as {cur}; a format only changes to a smaller "
+                                  f"one ({' -> '.join(ORDER)}), never back: create the session again for {fmt}")
+            ticket = store.convert_begin(req.session, fmt)
+        return ticket, layout, meta, float(frac) if fmt == "keep" else None
+
+    def _finish_convert(self, req: Request, ticket, layout: ShardLayout, meta: dict, frac: float | None) -> None:
+        from .kvpages import KVView
+        from .keep import expected_attention, forced, keep_count, kept_index
+
+        eng, store = self.eng, self.eng.store
+        keep = None
+        if frac is not None:  # KEEP: score with the queries of the session's own last tokens
+            s = ticket.session
+            kv = KVView(store.pools["device"], s.pages, s.tokens, s.id, s.lay)
+            qs = eng.probe(kv, layout, meta["tail"][-min(len(meta["tail"]), layout.length):])
+            scores = torch.zeros(s.tokens)
+            for layer, q in enumerate(qs):
+                runs = kv.layer_runs(layer, s.tokens)
+                if runs:
+                    k, v = torch.cat([r[1] for r in runs]), torch.cat([r[2] for r in runs])
+                    scores += expected_attention(q, k, v).cpu()
+            keep = kept_index(scores, forced(layout, eng.rank), ticket.tokens)
+            layout.evicted = [len(forced(layout, r)) - keep_count(layout, r, frac) for r in range(eng.world)]
+            meta = dict(meta, keep_fraction=frac)
+        store.convert_finish(ticket, keep)
+        store.set_meta(req.session, eng._meta(layout, meta))
 
     def _open(self, req: Request) -> _Active:
         """Lease the request's session and reserve every page it will need, or raise why not."""
@@ -123,7 +185,7 @@ class StepExecutor:
             expire_at = store.clock() + o["ttl_s"] if o.get("ttl_s") else None
             store.create(req.session, meta=eng._meta(layout), retention=o.get("retention", "standard"),
                          persist=o.get("persist", "on_demote"), expire_at=expire_at,
-                         quantized=bool(o.get("allow_quantized", False)))
+                         quantized=bool(o.get("allow_quantized", False)), kv_format=o.get("kv_format", "exact"))
             mode = "ring"
         else:
             layout = eng._layout(req.session)
@@ -158,7 +220,9 @@ class StepExecutor:
             self._release(req, kv)
             raise
         steps = eng._extend(req.session, kv, layout, req.ids, mode, "last")
-        return _Active(req, kv, layout, steps, budget=budget, stop=stop, generator=generator)
+        act = _Active(req, kv, layout, steps, budget=budget, stop=stop, generator=generator)
+        act.meta = store.meta(req.session)
+        return act
 
     def _release(self, req: Request, kv: KVView) -> None:
         self.eng.store.release(kv)
@@ -187,7 +251,7 @@ class StepExecutor:
         if req.kind == "generate":
             self._sampled(act, self._sample([act], logits)[0], events)
         else:
-            self.eng.store.commit(req.session, act.kv.length, self.eng._meta(act.layout))
+            self.eng.store.commit(req.session, act.kv.length, self.eng._meta(act.layout, act.meta, req.ids))
             if self.keep_logits:
                 self.last_logits[req.id] = logits
             self._close(act)
@@ -200,6 +264,8 @@ class StepExecutor:
 
     def _decode(self, batch: list[_Active], events: list[StepEvent]) -> None:
         logits = self.eng.decode_batch([(a.kv, a.layout, a.last) for a in batch])
+        for a in batch:
+            a.tokens.append(a.last)
         sampling = [i for i, a in enumerate(batch) if a.phase == "decode"]
         for a in batch:
             if a.phase == "closing":  # its last token is in the session now: keep the turn
@@ -273,7 +339,8 @@ class StepExecutor:
     def _finish(self, act: _Active, events: list[StepEvent], *, commit: bool) -> None:
         retained = 0
         if commit:
-            self.eng.store.commit(act.req.session, act.kv.length, self.eng._meta(act.layout))
+            added = list(act.req.ids) + act.tokens
+            self.eng.store.commit(act.req.session, act.kv.length, self.eng._meta(act.layout, act.meta, added))
             retained = act.layout.length - act.base
         self._close(act)
         self.active.pop(act.req.id, None)

@@ -143,10 +143,12 @@ class PagePool:
         t = t[layers]
         return t.reshape(*t.shape[:-4], self.pages * g.block, g.kv_heads, g.head_dim)
 
-    def slot_runs(self, pages: list[int], start: int, end: int) -> list[tuple[int, int, int]]:
+    def slot_runs(self, pages: list[int], start: int, end: int, per_page: int | None = None
+                  ) -> list[tuple[int, int, int]]:
         """Storage slots [start, end) of a session with these pages, as contiguous pieces of the flat
-        pool: (storage offset, flat offset, length)."""
-        S = self.geometry.block
+        pool: (storage offset, flat offset, length). per_page: token slots per page (a packed KV format
+        holds more than `block`)."""
+        S = per_page or self.geometry.block
         out = []
         for i, first, n in runs_of(pages):
             lo, hi = max(start, i * S), min(end, (i + n) * S)
@@ -154,9 +156,9 @@ class PagePool:
                 out.append((lo, first * S + lo - i * S, hi - lo))
         return out
 
-    def slots(self, pages: list[int], start: int, end: int) -> torch.Tensor:
+    def slots(self, pages: list[int], start: int, end: int, per_page: int | None = None) -> torch.Tensor:
         """(end - start,) int64 flat slot of each storage slot in [start, end), on the pool's device."""
-        S = self.geometry.block
+        S = per_page or self.geometry.block
         i = torch.arange(start, end)
         table = torch.as_tensor(pages, dtype=torch.int64)
         return (table[i // S] * S + i % S).to(self.device)
@@ -204,20 +206,34 @@ class KVView:
     """A session's pages on the device tier, as the engine and attention see them while a request runs.
 
     `pages` is the session's own page list (it grows when the store reserves more); `length` the
-    storage slots holding tokens. Writes go straight into the pool; reads are views or page-table
-    kernel calls, never a working copy.
+    storage slots holding tokens; `lay` the session's KV format (kvcodec.py: how many token slots a
+    page holds and how they are packed). Writes go straight into the pool; reads are views or
+    page-table kernel calls, never a working copy (the CPU path decodes a packed format per run).
     """
 
-    def __init__(self, pool: PagePool, pages: list[int], length: int, session: str = ""):
+    def __init__(self, pool: PagePool, pages: list[int], length: int, session: str = "", lay=None):
+        from .kvcodec import layout
+
+        g = pool.geometry
         self.pool, self.pages, self.length, self.session = pool, pages, length, session
+        self.lay = lay or layout("exact", g.block, g.kv_heads, g.head_dim, g.dtype)
         self.owner = None  # the store's record of the session while the view is leased
         self.prereserved = False  # pages for the whole request were reserved up front (by every rank)
         self._table: torch.Tensor | None = None
         self._table_len = -1
 
     @property
+    def format(self) -> str:
+        return self.lay.format
+
+    @property
+    def packed(self) -> bool:
+        return self.lay.format != "exact"
+
+    @property
     def block(self) -> int:
-        return self.pool.geometry.block
+        """Token slots per page in this session's format."""
+        return self.lay.tokens
 
     @property
     def capacity(self) -> int:
@@ -230,22 +246,56 @@ class KVView:
             self._table_len = len(self.pages)
         return self._table
 
-    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This layer of the pool as (N, S, Hkv, D) k and v (for the paged kernel)."""
-        return self.pool.k[layer], self.pool.v[layer]
+    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        """This layer of the pool in the session's format, for the paged kernel: k data (N, S_F, Hkv, Db),
+        k scales (N, S_F, Hkv, ns) or None, v data, v scales."""
+        from .kvcodec import views
+
+        kd, ks = views(self.pool.k[layer], self.lay)
+        vd, vs = views(self.pool.v[layer], self.lay)
+        return kd, ks, vd, vs
 
     def layer_runs(self, layer: int, end: int) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
-        """Storage slots [0, end) of one layer as contiguous views: [(storage offset, k, v)], each (n, Hkv, D)."""
-        k, v = self.pool.flat("k", layer), self.pool.flat("v", layer)
-        return [(off, k[f:f + n], v[f:f + n]) for off, f, n in self.pool.slot_runs(self.pages, 0, end)]
+        """Storage slots [0, end) of one layer as contiguous pieces [(storage offset, k, v)], each
+        (n, Hkv, D) in the model dtype: views of the pool for the exact format, decoded per run of
+        pages for a packed one."""
+        if not self.packed:
+            k, v = self.pool.flat("k", layer), self.pool.flat("v", layer)
+            return [(off, k[f:f + n], v[f:f + n]) for off, f, n in self.pool.slot_runs(self.pages, 0, end)]
+        from .kvcodec import decode
+
+        kd, ks, vd, vs = self.layer(layer)
+        S, dt = self.block, self.pool.geometry.dtype
+        out = []
+        for off, f, n in self.pool.slot_runs(self.pages, 0, end, S):
+            pages = torch.arange(f // S, (f + n - 1) // S + 1)
+            a, b = f - (f // S) * S, f - (f // S) * S + n
+
+            def cut(t):
+                return t[pages].flatten(0, 1)[a:b]
+            out.append((off, decode(self.format, cut(kd), cut(ks), dt), decode(self.format, cut(vd), cut(vs), dt)))
+        return out
 
     def slots(self, start: int, end: int) -> torch.Tensor:
-        return self.pool.slots(self.pages, start, end)
+        """Flat slot (page * S_F + slot) of storage slots [start, end) in this session's format."""
+        return self.pool.slots(self.pages, start, end, self.block)
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store k, v (T, Hkv, D) of one layer at the flat slots `slots` (T,) (from `slots()`)."""
+        """Store k, v (T, Hkv, D) of one layer at the flat slots `slots` (T,) (from `slots()`), encoded in
+        the session's format."""
         if k.shape[0] == 0:
             return
-        self.pool.flat("k", layer).index_copy_(0, slots, k)
-        self.pool.flat("v", layer).index_copy_(0, slots, v)
-        self.pool.bytes_written += 2 * k.numel() * k.element_size()
+        if not self.packed:
+            self.pool.flat("k", layer).index_copy_(0, slots, k)
+            self.pool.flat("v", layer).index_copy_(0, slots, v)
+        else:
+            from .kvcodec import encode
+
+            kd, ks, vd, vs = self.layer(layer)
+            page, slot = slots // self.block, slots % self.block
+            for data, scales, x in ((kd, ks, k), (vd, vs, v)):
+                d, sc = encode(self.format, x)
+                data[page, slot] = d
+                scales[page, slot] = sc.to(scales.dtype)
+        self.pool.bytes_written += 2 * k.shape[0] * k.shape[1] * k.shape[2] * k.element_size() * \
+            self.pool.geometry.block // self.block  # the bytes the tokens take in their pages

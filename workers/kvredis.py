@@ -233,10 +233,11 @@ class Manifest:
     dtype: torch.dtype
     shape: tuple[int, int, int, int]  # (L, T, Hkv, D): T storage tokens
     meta: dict
-    encoding: str  # "raw" | "int8"
+    encoding: str  # "raw" | "int8" (an exact session's tokens) | "pages" (a packed format's pages as stored)
     retention: str
     persist: str
     values: list[dict]
+    kv_format: str = "exact"
 
     @property
     def tokens(self) -> int:
@@ -256,20 +257,27 @@ class RedisKV:
         return {"fingerprint": self.fingerprint, "session": sid, "namespace": self.namespace,
                 "dtype": dtype_name(dtype), "encoding": encoding}
 
-    def estimate(self, pool: PagePool, t0: int, t1: int, quantized: bool) -> int:
-        """Bytes the values of tokens [t0, t1) will take (to check the tier's capacity first)."""
+    def estimate(self, pool: PagePool, t0: int, t1: int, quantized: bool, per_page: int | None = None) -> int:
+        """Bytes the values of tokens [t0, t1) will take (to check the tier's capacity first); per_page:
+        a packed format's token slots per page (its whole pages are written)."""
         g = pool.geometry
+        if per_page:
+            return (-(-t1 // per_page) - t0 // per_page) * g.page_bytes
         bpe = 1 + 4 / g.head_dim if quantized else torch.empty((), dtype=g.dtype).element_size()
         return int(2 * g.layers * g.kv_heads * g.head_dim * (t1 - t0) * bpe)
 
     def write(self, sid: str, pool: PagePool, pages: list[int], t0: int, t1: int, *, quantized: bool,
-              ttl_ms: int, first: bool) -> list[dict]:
+              ttl_ms: int, first: bool, per_page: int | None = None) -> list[dict]:
         """Write storage tokens [t0, t1) of a session's pages as chunk values; returns their manifest entries.
-        `first`: nothing of this session is in Redis yet (write the `begin` marker first)."""
+        `first`: nothing of this session is in Redis yet (write the `begin` marker first). per_page: the
+        session is in a packed format with this many token slots per page — its pages holding [t0, t1)
+        are written whole, as their bytes (the compressed form, bit for bit)."""
         g = pool.geometry
         keys = self.keys(sid)
         if first:
             self.tier.set_small(keys.begin, b"1", ttl_ms, "marking a session write")
+        if per_page:
+            return self._write_pages(keys, sid, pool, pages, t0 // per_page, -(-t1 // per_page), ttl_ms)
         bpe = 1 + 4 / g.head_dim if quantized else torch.empty((), dtype=g.dtype).element_size()
         plans = plan_chunks(g.layers, g.kv_heads, g.head_dim, t0, t1, bytes_per_elem=bpe, max_bytes=self.chunk_bytes)
         encoding = "int8" if quantized else "raw"
@@ -304,11 +312,30 @@ class RedisKV:
                         dst[:, off - p.t0:off - p.t0 + n].copy_(v[:, f:f + n])
                 yield key, header, [Part("k", g.dtype, shape, fill_k), Part("v", g.dtype, shape, fill_v)]
 
+    def _write_pages(self, keys, sid: str, pool: PagePool, pages: list[int], p0: int, p1: int, ttl_ms: int) -> list[dict]:
+        g = pool.geometry
+        half = g.page_bytes // (2 * g.layers)  # bytes of one page-layer of K (or V)
+        per_chunk = max(1, self.chunk_bytes // max(1, 2 * g.layers * half))  # pages per value, every layer
+        base = self._base(sid, g.dtype, "pages")
+
+        def items():
+            for a in range(p0, p1, per_chunk):
+                b = min(p1, a + per_chunk)
+                idx = torch.as_tensor(pages[a:b], device=pool.device)
+                header = dict(base, kind="pages", l0=0, l1=g.layers, t0=a, t1=b)
+                shape = (g.layers, b - a, half)
+                parts = [Part(name, torch.uint8, shape,
+                              lambda dst, t=t, idx=idx: dst.copy_(t.view(torch.uint8).reshape(g.layers, pool.pages,
+                                                                                               half)[:, idx]))
+                         for name, t in (("k", pool.k), ("v", pool.v))]
+                yield keys.chunk(0, g.layers, a, b, "pages"), header, parts
+        return self.tier.write_values(items(), ttl_ms)
+
     def commit(self, sid: str, m: Manifest, ttl_ms: int) -> None:
         """Write the manifest listing every committed value: the commit marker."""
         header = {"kind": "manifest", "fingerprint": self.fingerprint, "session": sid, "namespace": self.namespace,
                   "dtype": dtype_name(m.dtype), "shape": list(m.shape), "meta": m.meta, "encoding": m.encoding,
-                  "retention": m.retention, "persist": m.persist, "values": m.values}
+                  "retention": m.retention, "persist": m.persist, "values": m.values, "kv_format": m.kv_format}
         buf = bytearray(encoded_size(header, []))
         encode_into(memoryview(buf), header, [])
         self.tier.set_small(self.keys(sid).manifest, bytes(buf), ttl_ms, "writing a manifest")
@@ -335,7 +362,7 @@ class RedisKV:
         h, _ = decode(raw, keys.manifest, {"kind": "manifest", "fingerprint": self.fingerprint, "session": sid,
                                            "namespace": self.namespace})
         return Manifest(dtype_from_name(h["dtype"]), tuple(h["shape"]), h["meta"], h["encoding"], h["retention"],
-                        h["persist"], h["values"])
+                        h["persist"], h["values"], h.get("kv_format", "exact"))
 
     def ttl_ms(self, sid: str) -> int:
         keys = self.keys(sid)
@@ -353,6 +380,12 @@ class RedisKV:
                 raise KVDataLossError(f"its Redis value {e['key']} is missing")
             _, parts = decode(value, e["key"], dict(base, **_entry(e), payload_xxh3=e["payload_xxh3"]))
             layers = slice(e["l0"], e["l1"])
+            if e["kind"] == "pages":  # a packed format's pages, byte for byte
+                idx = torch.as_tensor(pages[e["t0"]:e["t1"]], device=pool.device)
+                for name, t in (("k", pool.k), ("v", pool.v)):
+                    t.view(torch.uint8).reshape(t.shape[0], pool.pages, -1)[:, idx] = parts[name].to(pool.device)
+                covered += (e["l1"] - e["l0"]) * (e["t1"] - e["t0"])
+                continue
             if quantized:
                 from ringserve.kernels.quant import dequantize_kv
 
@@ -362,7 +395,8 @@ class RedisKV:
                 k, v = parts["k"], parts["v"]
             pool.fill(pages, layers, e["t0"], k, v)
             covered += (e["l1"] - e["l0"]) * (e["t1"] - e["t0"])
-        if covered != L * m.tokens:
+        want = L * (len(pages) if m.encoding == "pages" else m.tokens)
+        if covered != want:
             raise KVDataLossError("its Redis values do not cover every layer and token")
 
     def delete(self, sid: str, values: Sequence[dict]) -> None:

@@ -60,6 +60,14 @@ log = logging.getLogger(__name__)
 MOVE_HISTORY = 16  # tier changes remembered per session (read by the billing meter)
 
 
+@dataclass
+class _Conversion:
+    session: "_Session"
+    lay: object  # kvcodec.PageLayout of the new format
+    pages: list[int]  # reserved device pages
+    tokens: int  # tokens the session holds afterwards
+
+
 @dataclass(frozen=True)
 class KVState:
     kind: str  # "resident" | "moving" | "lost"
@@ -74,9 +82,10 @@ class KVState:
 class _Session:
     """Book-keeping of one session (all fields guarded by the store lock)."""
 
-    def __init__(self, sid: str, meta: dict, *, retention, persist, quantized, expire_at, now, clock):
+    def __init__(self, sid: str, meta: dict, *, retention, persist, quantized, expire_at, now, clock, lay):
         self.id, self.meta = sid, dict(meta)
         self.retention, self.persist, self.quantized = retention, persist, quantized
+        self.lay = lay  # the session's KV format (kvcodec.PageLayout): token slots per page, packing
         self.expire_at, self.last_access = expire_at, now
         self._clock = clock
         self._tier: str | None = None  # "device" | "host" | "redis"
@@ -107,7 +116,14 @@ class _Session:
 
     @property
     def encoding(self) -> str:
+        """How its Redis values are written: a packed format's pages as they are; an exact session's
+        tokens, 8-bit when it allows it."""
+        if self.lay.format != "exact":
+            return "pages"
         return "int8" if self.quantized else "raw"
+
+    def pages_for(self, tokens: int) -> int:
+        return -(-tokens // self.lay.tokens)
 
 
 class KVStore:
@@ -152,13 +168,15 @@ class KVStore:
     # -- sessions ------------------------------------------------------------------------------------
 
     def create(self, session_id: str, *, meta: dict | None = None, retention: str = "standard",
-               persist: str = "on_demote", expire_at: float | None = None, quantized: bool = False) -> KVState:
+               persist: str = "on_demote", expire_at: float | None = None, quantized: bool = False,
+               kv_format: str = "exact") -> KVState:
         """A new, empty session on the device tier (its pages come with `reserve`).
 
         retention: "hot" (never leaves the device), "standard" (tiered), "cold" (to Redis once idle).
         persist: "on_demote" (Redis only when demoted) or "write_through" (to Redis in the background
         after every commit). expire_at: store-clock time the session expires; Redis keys live
         `ttl_margin_s` longer. quantized: its Redis copy may be 8-bit (int8 per token and head).
+        kv_format: how its K/V are kept in its pages on every tier (kvcodec.py: exact, fp8, int4).
         """
         from .kvformat import KeySpace
 
@@ -173,7 +191,7 @@ class KVStore:
             if session_id in self._sessions:
                 raise SessionExistsError(f"session {session_id!r} is already stored on {self.namespace}")
             s = _Session(session_id, meta or {}, retention=retention, persist=persist, quantized=quantized,
-                         expire_at=expire_at, now=self.clock(), clock=self.clock)
+                         expire_at=expire_at, now=self.clock(), clock=self.clock, lay=self._layout(kv_format))
             s.tier = "device"
             self._sessions[session_id] = s
             return self._state(s)
@@ -187,7 +205,7 @@ class KVStore:
             if s.tier != "device":
                 self._promote(s)
             s.pins += 1
-            view = KVView(self.pools["device"], s.pages, s.tokens, s.id)
+            view = KVView(self.pools["device"], s.pages, s.tokens, s.id, s.lay)
             view.owner = s
             return view
 
@@ -220,7 +238,7 @@ class KVStore:
             s = self._session(session_id)
             if s.tier != "device" or not s.pins:
                 raise RuntimeError(f"reserve() needs session {session_id!r} leased on the device tier")
-            need = self.geometry.pages_for(tokens) - len(s.pages)
+            need = s.pages_for(tokens) - len(s.pages)
             if need <= 0:
                 return
             self._make_room("device", s, need)
@@ -235,8 +253,8 @@ class KVStore:
             s = self._session(session_id)
             if tokens < s.tokens:
                 raise ValueError(f"session {session_id!r} holds {s.tokens} committed tokens; cannot commit {tokens}")
-            if tokens > len(s.pages) * self.geometry.block:
-                raise ValueError(f"session {session_id!r} has pages for {len(s.pages) * self.geometry.block} tokens, "
+            if tokens > len(s.pages) * s.lay.tokens:
+                raise ValueError(f"session {session_id!r} has pages for {len(s.pages) * s.lay.tokens} tokens, "
                                  f"not {tokens}: reserve() first")
             grew = tokens > s.tokens
             s.tokens = tokens
@@ -264,14 +282,96 @@ class KVStore:
             raise
 
     def read(self, session_id: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """A copy of the session's shard as k, v (L, T, Hkv, D) on the device (promoting it first)."""
+        """A copy of the session's shard as k, v (L, T, Hkv, D) on the device (promoting it first), in the
+        model dtype (a packed format decoded)."""
         g = self.geometry
         with self.lease(session_id) as kv:
             T = kv.length
             k = torch.empty(g.layers, T, g.kv_heads, g.head_dim, dtype=g.dtype, device=self.device)
             v = torch.empty_like(k)
-            kv.pool.read(kv.pages, slice(None), 0, T, k, v)
+            for layer in range(g.layers):
+                for off, kr, vr in kv.layer_runs(layer, T):
+                    k[layer, off:off + kr.shape[0]], v[layer, off:off + vr.shape[0]] = kr, vr
+            kv.pool.bytes_copied += 2 * k.numel() * k.element_size()
             return k, v
+
+    def kv_format(self, session_id: str) -> str:
+        with self._lock:
+            return self._session(session_id, allow_lost=True).lay.format
+
+    def convert(self, session_id: str, kv_format: str, keep: torch.Tensor | None = None) -> KVState:
+        """Re-encode a session's KV in another format (`convert_begin` + `convert_finish`)."""
+        ticket = self.convert_begin(session_id, kv_format, None if keep is None else int(keep.numel()))
+        return self.convert_finish(ticket, keep)
+
+    def convert_begin(self, session_id: str, kv_format: str, kept: int | None = None) -> "_Conversion":
+        """Reserve the device pages a conversion needs (the session promoted and pinned meanwhile), so that
+        `convert_finish` cannot fail; `kept`: only that many of its tokens will be kept (an eviction).
+        KVCapacityError if the pages are not there; `convert_abort` gives them back."""
+        from .kvcodec import ORDER
+
+        with self._lock:
+            s = self._session(session_id)
+            if kv_format not in ORDER:
+                raise ValueError(f"unknown KV format {kv_format!r}; formats: {', '.join(ORDER)}")
+            if s.pins:
+                raise KVCapacityError(f"session {session_id!r} is in use; convert it between requests")
+            if s.tier != "device":
+                self._promote(s)
+            lay = self._layout(kv_format)
+            tokens = s.tokens if kept is None else kept
+            need = -(-tokens // lay.tokens)
+            s.pins += 1  # nothing moves it while both copies exist
+            try:
+                self._make_room("device", s, need)
+            except BaseException:
+                self._unpin(s)
+                raise
+            return _Conversion(s, lay, self.pools["device"].alloc(need), tokens)
+
+    def convert_abort(self, c: "_Conversion") -> None:
+        with self._lock:
+            self.pools["device"].free(c.pages)
+            self._unpin(c.session)
+
+    def convert_finish(self, c: "_Conversion", keep: torch.Tensor | None = None) -> KVState:
+        """Write the session's tokens (those at storage indices `keep`, in order, when given) into the
+        reserved pages in the new format; free the old pages; replace its Redis copy."""
+        with self._lock:
+            s, pool = c.session, self.pools["device"]
+            src = KVView(pool, s.pages, s.tokens, s.id, s.lay)
+            dst = KVView(pool, c.pages, 0, s.id, c.lay)
+            slots = dst.slots(0, c.tokens)
+            for layer in range(self.geometry.layers):
+                runs = src.layer_runs(layer, s.tokens)
+                if runs:
+                    k, v = torch.cat([r[1] for r in runs]), torch.cat([r[2] for r in runs])
+                    if keep is not None:
+                        k, v = k[keep.to(k.device)], v[keep.to(v.device)]
+                    dst.write(layer, slots, k, v)
+            pool.free(s.pages)
+            s.pages, s.lay, s.tokens = c.pages, c.lay, c.tokens
+            self._unpin(s)
+            if self.rkv is not None and s.entries:  # the Redis copy is of the old content: write a new one
+                try:
+                    self.rkv.delete(s.id, s.entries)
+                except KVUnavailableError as e:
+                    log.warning("old Redis copy of %s expires by TTL: %s", s.id, e)
+                self._redis_used -= s.redis_bytes
+                s.entries, s.redis_tokens, s.redis_bytes = [], 0, 0
+                if s.persist == "write_through":
+                    self._queue_write_through(s)
+            return self._state(s)
+
+    def set_meta(self, session_id: str, meta: dict) -> None:
+        with self._lock:
+            self._session(session_id).meta = dict(meta)
+
+    def _layout(self, kv_format: str):
+        from .kvcodec import layout
+
+        g = self.geometry
+        return layout(kv_format, g.block, g.kv_heads, g.head_dim, g.dtype)
 
     def delete(self, session_id: str) -> None:
         """Free the session on every tier, its Redis keys included (also one known only to Redis)."""
@@ -360,7 +460,8 @@ class KVStore:
                 if expire_at is None and pttl and pttl > 0:
                     expire_at = self.clock() + max(0.0, pttl / 1000 - self.ropts.ttl_margin_s)
                 s = _Session(session_id, m.meta, retention=m.retention, persist=m.persist,
-                             quantized=m.encoding == "int8", expire_at=expire_at, now=self.clock(), clock=self.clock)
+                             quantized=m.encoding == "int8", expire_at=expire_at, now=self.clock(), clock=self.clock,
+                             lay=self._layout(m.kv_format))
                 s.tier, s.entries, s.redis_tokens, s.tokens = "redis", m.values, m.tokens, m.tokens
                 s.redis_bytes = sum(e["nbytes"] for e in s.entries)
                 self._redis_used += s.redis_bytes
@@ -487,7 +588,7 @@ class KVStore:
 
     def _trim(self, s: _Session, tokens: int) -> None:
         """Free the pages past storage [0, tokens)."""
-        keep = self.geometry.pages_for(tokens)
+        keep = s.pages_for(tokens)
         if s.tier in ("device", "host") and len(s.pages) > keep:
             self.pools[s.tier].free(s.pages[keep:])
             del s.pages[keep:]
@@ -583,7 +684,7 @@ class KVStore:
 
     def _load(self, s: _Session, dst: str) -> None:
         """Read s from Redis into fresh pages of the `dst` pool."""
-        n = self.geometry.pages_for(s.tokens)
+        n = s.pages_for(s.tokens)
         self._make_room(dst, s, n)
         pages, t0 = self.pools[dst].alloc(n), self.clock()
         s.moving = ("redis", dst)
@@ -643,24 +744,35 @@ class KVStore:
 
     def _write_values(self, s: _Session, pages: list[int], t0: int, t1: int) -> list[dict]:
         pool = self.pools[s.tier]
-        est = self.rkv.estimate(pool, t0, t1, s.quantized)
+        per_page = s.lay.tokens if s.encoding == "pages" else None
+        est = self.rkv.estimate(pool, t0, t1, s.quantized, per_page)
         if self._redis_used + est > self.capacity.of("redis"):
             raise KVCapacityError(f"the Redis tier of {self.namespace} is full ({self._redis_used} of "
                                   f"{self.capacity.redis} bytes)")
         return self.rkv.write(s.id, pool, pages, t0, t1, quantized=s.quantized, ttl_ms=self._ttl_ms(s),
-                              first=not s.entries)
+                              first=not s.entries, per_page=per_page)
 
     def _commit(self, s: _Session, entries: list[dict], tokens: int) -> None:
-        """Write the manifest listing every committed value (the commit marker), then record it."""
+        """Write the manifest listing every committed value (the commit marker), then record it. A packed
+        session rewrites its last, partly filled page: the values of the pages written again are replaced."""
         g = self.geometry
-        values = s.entries + entries
+        first_new = min((e["t0"] for e in entries if e["kind"] == "pages"), default=None)
+        keep = [e for e in s.entries if first_new is None or e["kind"] != "pages" or e["t1"] <= first_new]
+        replaced = [e for e in s.entries if e not in keep]
+        values = keep + entries
         self.rkv.commit(s.id, Manifest(g.dtype, (g.layers, tokens, g.kv_heads, g.head_dim), s.meta, s.encoding,
-                                       s.retention, s.persist, values), self._ttl_ms(s))
-        added = sum(e["nbytes"] for e in entries)
+                                       s.retention, s.persist, values, s.lay.format), self._ttl_ms(s))
+        if replaced:  # after the manifest that no longer lists them; a failure leaves them to their TTL
+            try:
+                self.redis.call("dropping replaced values", lambda: self.redis.client.delete(
+                    *[e["key"] for e in replaced if e["key"] not in {v["key"] for v in values}]))
+            except KVUnavailableError:
+                pass
+        delta = sum(e["nbytes"] for e in entries) - sum(e["nbytes"] for e in replaced)
         s.entries, s.redis_tokens = values, tokens
         s.wt_pending = s.persist == "write_through" and tokens < s.tokens
-        s.redis_bytes += added
-        self._redis_used += added
+        s.redis_bytes += delta
+        self._redis_used += delta
 
     def _read_redis(self, s: _Session, pool: PagePool, pages: list[int]) -> None:
         """Fill pages from Redis, verifying the manifest and every value; the session is lost on failure."""

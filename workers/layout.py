@@ -66,6 +66,9 @@ class ShardLayout:
     P: int
     block: int = 256
     regions: list[_Region] = field(default_factory=list)
+    # tokens each rank no longer stores (a KEEP session's eviction): its storage is its positions minus
+    # these, still in position order; `local_counts` is what each rank stores
+    evicted: list[int] | None = None
 
     @property
     def length(self) -> int:
@@ -150,15 +153,19 @@ class ShardLayout:
                 counts[r] += (full // self.P + ((r - reg.first_owner) % self.P < full % self.P)) * self.block
             if rem:
                 counts[(full + reg.first_owner) % self.P] += rem
+        if self.evicted:
+            counts = [c - e for c, e in zip(counts, self.evicted)]
         return counts
 
     def to_dict(self) -> dict:
-        return {"P": self.P, "block": self.block,
-                "regions": [[r.start, r.end, r.kind, r.first_owner] for r in self.regions]}
+        d = {"P": self.P, "block": self.block, "regions": [[r.start, r.end, r.kind, r.first_owner] for r in self.regions]}
+        if self.evicted:
+            d["evicted"] = list(self.evicted)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "ShardLayout":
-        return cls(d["P"], d["block"], [_Region(*r) for r in d["regions"]])
+        return cls(d["P"], d["block"], [_Region(*r) for r in d["regions"]], d.get("evicted"))
 
 
 def positions_of(segs: list[Segment], device=None) -> torch.Tensor:

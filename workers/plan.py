@@ -17,16 +17,16 @@ from dataclasses import dataclass, field
 
 from .protocol import GenerationEnd, Progress, RingserveError, SamplingParams, SessionInfo
 
-KINDS = ("create", "append", "generate")
+KINDS = ("create", "append", "generate", "convert")
 
 
 @dataclass(frozen=True)
 class Request:
     id: str  # given by the scheduler, unique within a group
-    kind: str  # "create" | "append" | "generate"
+    kind: str  # "create" | "append" | "generate" | "convert" (a change of KV format, opts kv_format, keep_fraction)
     session: str
     ids: tuple[int, ...]
-    opts: dict = field(default_factory=dict)  # create: retention, persist, ttl_s, allow_quantized
+    opts: dict = field(default_factory=dict)  # create: retention, persist, ttl_s, allow_quantized, kv_format
     sampling: SamplingParams = SamplingParams()  # generate
     retain: bool = False  # generate: keep the turn in the session
     stop_ids: tuple[int, ...] | None = None  # generate: None = the model's end-of-turn tokens

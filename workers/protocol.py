@@ -118,6 +118,12 @@ class GroupUnhealthy(RingserveError, RuntimeError):
     grpc_code = "UNAVAILABLE"
 
 
+class FormatError(RingserveError):
+    """A KV format change that cannot be made (formats only move down; KEEP thins an exact session once)."""
+
+    grpc_code = "FAILED_PRECONDITION"
+
+
 class RequestCancelled(RingserveError):
     """The request was cancelled (its client left, its deadline passed, or its session was deleted)."""
 
@@ -252,6 +258,8 @@ class SessionInfo:
     local_tokens: tuple[int, ...] = ()  # tokens held per rank
     persisted_tokens: int = 0  # tokens (of rank 0) with a committed copy in Redis
     group: str = ""
+    kv_format: str = "exact"  # "exact" | "fp8" | "int4", or "keep:<fraction>" (a thinned exact session)
+    exact_bytes: int = 0  # what the same tokens would occupy in the exact format, over every rank
 
     def with_group(self, group: str) -> "SessionInfo":
         from dataclasses import replace

@@ -118,9 +118,10 @@ def attend_paged(q: torch.Tensor, kv: KVView, layer: int, kv_len: int | torch.Te
     hi = int(kv_len.max()) if per_query and Tq else (0 if per_query else int(kv_len))
     if q.device.type != "cpu" or backend == "triton":
         lens = (kv_len if per_query else torch.full((Tq,), hi)).to(device=q.device, dtype=torch.int32).view(1, Tq)
-        kp, vp = kv.layer(layer)
-        out, lse = paged_attention(q.unsqueeze(0), kp, vp, kv.table(), lens, max_len=hi, scale=scale,
-                                   out_dtype=torch.float32, backend="triton" if backend == "triton" else "auto")
+        kd, ks, vd, vs = kv.layer(layer)
+        out, lse = paged_attention(q.unsqueeze(0), kd, vd, kv.table(), lens, k_scales=ks, v_scales=vs,
+                                   kv_format=kv.format, max_len=hi, scale=scale, out_dtype=torch.float32,
+                                   backend="triton" if backend == "triton" else "auto")
         return out[0], lse[0]
     out = lse = None
     lo = int(kv_len.min()) if per_query and Tq else hi
@@ -375,16 +376,22 @@ def batch_decode_attention(group, q: torch.Tensor, kvs: list[KVView], layer: int
     pages on this rank; with several ranks one all-gather merges the partials of the whole batch in
     rank order. `gather_index` (CPU, short sessions): see `decode_gather_index`. Returns out fp32 (B, H, D)."""
     B, H, D = q.shape
-    if q.device.type != "cpu" or backend == "triton":  # one kernel call for the batch
-        width = max(len(kv.pages) for kv in kvs) or 1
-        table = torch.zeros(B, width, dtype=torch.int32)
-        for b, kv in enumerate(kvs):
-            table[b, :len(kv.pages)] = torch.as_tensor(kv.pages, dtype=torch.int32)
-        kp, vp = kvs[0].layer(layer)
-        o, l = paged_attention(q.unsqueeze(1), kp, vp, table.to(q.device), kv_len.to(q.device).view(B, 1),
-                               max_len=int(kv_len.max()), scale=scale, out_dtype=torch.float32,
-                               backend="triton" if backend == "triton" else "auto")
-        o, l = o[:, 0], l[:, 0]
+    if q.device.type != "cpu" or backend == "triton":  # one kernel call per KV format in the batch
+        o = torch.empty(B, H, D, dtype=torch.float32, device=q.device)
+        l = torch.empty(B, H, dtype=torch.float32, device=q.device)
+        for fmt in dict.fromkeys(kv.format for kv in kvs):
+            idx = [b for b, kv in enumerate(kvs) if kv.format == fmt]
+            width = max(len(kvs[b].pages) for b in idx) or 1
+            table = torch.zeros(len(idx), width, dtype=torch.int32)
+            for i, b in enumerate(idx):
+                table[i, :len(kvs[b].pages)] = torch.as_tensor(kvs[b].pages, dtype=torch.int32)
+            kd, ks, vd, vs = kvs[idx[0]].layer(layer)
+            lens = kv_len[idx]
+            sel = torch.tensor(idx, device=q.device)
+            oo, ll = paged_attention(q[sel].unsqueeze(1), kd, vd, table.to(q.device), lens.to(q.device).view(-1, 1),
+                                     k_scales=ks, v_scales=vs, kv_format=fmt, max_len=int(lens.max()), scale=scale,
+                                     out_dtype=torch.float32, backend="triton" if backend == "triton" else "auto")
+            o[sel], l[sel] = oo[:, 0], ll[:, 0]
     elif gather_index is not None:
         o, l = _cpu_batch_attention(q, kvs, layer, kv_len, scale, gather_index)
     else:

@@ -94,3 +94,49 @@ def test_bad_shapes_are_refused_with_the_expected_shape():
     with pytest.raises(ValueError, match="page_table must be"):
         paged_attention(q, kp, vp, torch.zeros(2, dtype=torch.int32), torch.zeros(1, 1, dtype=torch.int32),
                         backend="torch")
+
+
+def _packed(fmt, k):
+    from ringserve.kernels.quant import quantize_int4_ref, quantize_kv_ref
+
+    if fmt == "fp8":
+        q, s = quantize_kv_ref(k, dtype=torch.float8_e4m3fn)
+        return q, s[..., None]
+    return quantize_int4_ref(k)
+
+
+@needs_triton
+@pytest.mark.parametrize("fmt", ["fp8", "int4"])
+@pytest.mark.parametrize("B,Tq,H,Hkv,S,rule", [(3, 1, 8, 2, 16, "ragged"), (1, 5, 4, 1, 8, "causal"),
+                                               (2, 2, 6, 3, 8, "some-empty")])
+def test_packed_pages_match_reference_and_dequantized_attention(fmt, B, Tq, H, Hkv, S, rule):
+    """fp8 / int4 pages are dequantized in the kernel exactly as the twin does, and the twin equals plain
+    attention over the dequantized K/V."""
+    from ringserve.kernels.quant import dequantize_int4_ref, dequantize_kv_ref
+
+    D, per_seq, N = 64, 4, 20
+    g = torch.Generator().manual_seed(11 + B + Tq)
+    k, v = _pool(B * 3 + Tq, N, S, Hkv, D)
+    (kq, ks), (vq, vs) = _packed(fmt, k), _packed(fmt, v)
+    table = _tables(B + 5, B, per_seq, N)
+    kv_len = _kv_len(rule, B, Tq, per_seq * S - 2, g)
+    q = torch.randn(B, Tq, H, D, generator=g)
+    kw = dict(k_scales=ks, v_scales=vs, kv_format=fmt)
+    out, lse = paged_attention(q, kq, vq, table, kv_len, num_splits=2, backend="triton", **kw)
+    ref, ref_lse = paged_attention_ref(q, kq, vq, table, kv_len, **kw)
+    assert _rel(out, ref) < 1e-5
+    live = torch.isfinite(ref_lse)
+    assert torch.equal(live, torch.isfinite(lse)) and (lse[live] - ref_lse[live]).abs().max() < 1e-4
+    deq = (lambda x, s: dequantize_kv_ref(x, s[..., 0], dtype=torch.float32)) if fmt == "fp8" else \
+        (lambda x, s: dequantize_int4_ref(x, s, dtype=torch.float32))
+    plain, _ = paged_attention_ref(q, deq(kq, ks), deq(vq, vs), table, kv_len)
+    assert _rel(ref, plain) < 1e-6
+    exact, _ = paged_attention_ref(q, k, v, table, kv_len)  # and the format's own error stays small
+    assert _rel(ref, exact) < (0.05 if fmt == "fp8" else 0.12)
+
+
+def test_packed_pages_are_refused_without_their_scales():
+    kq = torch.zeros(4, 8, 2, 32, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="need k_scales of shape"):
+        paged_attention(torch.randn(1, 1, 4, 64), kq, kq, torch.zeros(1, 2, dtype=torch.int32),
+                        torch.ones(1, 1, dtype=torch.int32), kv_format="int4", backend="torch")
