@@ -340,6 +340,11 @@ class SequenceParallelGroup:
         await self._collect()
         return tuple(self.computed.get(sid, (0, 0)))
 
+    async def rank_pids(self) -> list[int]:
+        """The process id of every rank (operators and fault tests)."""
+        g = await self._call(self._ready)
+        return list(await self._call(lambda: g._all([a.pid.remote() for a in g.ranks])))
+
     async def info(self) -> dict:
         return {"group": self.group_id, "config": asdict(self.cfg), "rebuilds": self.rebuilds, "epoch": self.epoch}
 
