@@ -14,6 +14,11 @@ project has, so the multi-rank parts are executed as their schedule on one devic
         (d) decode attention of one token over T retained KV tokens of one Llama-3-8B layer (32/8 heads,
             D = 128, bf16): the paged kernel (pages of 256 tokens, scattered) vs the contiguous split-KV
             kernel on the same K/V, as KV GB/s.
+    python benchmarks/ring_gpu.py formats [--tokens 131072 1048576] [--layers 4]
+        (e) retained KV formats on a Llama-3-8B shape: decode attention of one token over T KV tokens of one
+            layer per format (exact bf16, fp8, int4; pages laid out as the store packs them), x32 layers
+            for a step's attention; then, through the engine with --layers layers, a whole decode step
+            at the first T per format and what KEEP's scoring costs beside the prefill of 32K tokens.
 With --layers smaller than the model's, the figure for the whole model is extrapolated linearly
 from the measured layers (attention and MLP cost the same in every layer); the output says so.
 Prints a markdown table; --json PATH writes the raw numbers.
@@ -239,9 +244,94 @@ def bench_paged(args):
     return rows
 
 
+def bench_formats(args):
+    """Decode attention per KV format over T retained tokens (the paged kernel reading packed pages), and
+    the engine's decode step and KEEP scoring cost."""
+    from ringserve.kernels import paged_attention
+    from ringserve.workers import kvcodec
+    from ringserve.workers.engine import ShardEngine
+    from ringserve.workers.sampling import SamplingParams
+
+    H, Hkv, D, S, layers = 32, 8, 128, 256, LLAMA3_8B["n_layers"]
+    rows = []
+    for T in args.tokens:
+        g = torch.Generator(device="cuda").manual_seed(0)
+        q = torch.randn(1, 1, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
+        row = {"T": T}
+        for fmt in ("exact", "fp8", "int4"):
+            lay = kvcodec.layout(fmt, S, Hkv, D, torch.bfloat16)
+            n = -(-T // lay.tokens)
+            perm = torch.randperm(n, device="cuda")
+            pools, packed = [], []
+            for _ in ("k", "v"):  # one pool layer each, filled page by page in a scattered order
+                pool = torch.empty(n, S, Hkv, D, device="cuda", dtype=torch.bfloat16)
+                data, scales = kvcodec.views(pool, lay)
+                for c0 in range(0, n, 256):  # encode in slices of pages (bounded temporaries at 1M tokens)
+                    c1 = min(n, c0 + 256)
+                    x = torch.randn((c1 - c0) * lay.tokens, Hkv, D, device="cuda", dtype=torch.bfloat16, generator=g)
+                    d, sc = kvcodec.encode(fmt, x)
+                    idx = perm[c0:c1]
+                    data[idx] = d.view(c1 - c0, lay.tokens, Hkv, -1)
+                    if scales is not None:
+                        scales[idx] = sc.view(c1 - c0, lay.tokens, Hkv, -1).to(scales.dtype)
+                pools.append(pool)
+                packed.append((data, scales))
+            (kd, ks), (vd, vs) = packed
+            table, lens = perm.to(torch.int32).view(1, n), torch.full((1, 1), T, dtype=torch.int32, device="cuda")
+            fn = lambda: paged_attention(q, kd, vd, table, lens, k_scales=ks, v_scales=vs,  # noqa: E731
+                                         kv_format=fmt, max_len=T)
+            for _ in range(3):
+                fn()
+            t, _ = sync_time(fn, 20)
+            row[f"{fmt}_layer_ms"] = 1e3 * t
+            row[f"{fmt}_step_attn_ms"] = 1e3 * t * layers
+            row[f"{fmt}_kv_gib_model"] = 2 * n * lay_bytes(pools[0]) * layers / 2**30
+            del pools, packed, kd, vd, ks, vs
+            torch.cuda.empty_cache()
+        rows.append(row)
+        print(row, flush=True)
+    print("\n| KV tokens | exact ms/step (attn, 32 layers) | fp8 | int4 | fp8 speedup | int4 speedup | KV GiB exact / fp8 / int4 |")
+    print("|---:|---:|---:|---:|---:|---:|---|")
+    for r in rows:
+        print(f"| {r['T']} | {r['exact_step_attn_ms']:.2f} | {r['fp8_step_attn_ms']:.2f} | {r['int4_step_attn_ms']:.2f} | "
+              f"{r['exact_step_attn_ms'] / r['fp8_step_attn_ms']:.2f}x | {r['exact_step_attn_ms'] / r['int4_step_attn_ms']:.2f}x | "
+              f"{r['exact_kv_gib_model']:.1f} / {r['fp8_kv_gib_model']:.1f} / {r['int4_kv_gib_model']:.1f} |")
+    # the engine: a whole decode step per format at the first T, and KEEP's scoring beside a 32K prefill
+    T, L = args.tokens[0], args.layers
+    loaded = random_model(LLAMA3_8B, L, T)
+    eng = ShardEngine(loaded, None, prefill_chunk=args.chunk, attn_backend=args.backends[0],
+                      kv_device_bytes=3 * (T + 4096) * loaded.config.kv_bytes_per_token(torch.bfloat16))
+    ids = torch.randint(0, 128000, (T,)).tolist()
+    step = {}
+    for fmt in ("exact", "fp8", "int4"):
+        eng.prefill(fmt, ids, kv_format=fmt)
+        gen = eng.generate(fmt, [1], SamplingParams(max_tokens=12), stop_ids=frozenset())
+        steps = [sync_time(lambda: next(gen))[0] for _ in range(12)]
+        step[fmt] = sorted(steps[4:])[len(steps[4:]) // 2] * layers / L
+        eng.drop(fmt)
+    short = ids[:32768]
+    t_pf, _ = sync_time(lambda: eng.prefill("k", short))
+    t_keep, _ = sync_time(lambda: eng.set_format("k", "keep", 0.5))
+    eng.drop("k")
+    engine = {"T": T, "layers_measured": L, "decode_step_ms": {f: 1e3 * t for f, t in step.items()},
+              "keep_tokens": len(short), "prefill_keep_tokens_s": t_pf * layers / L,
+              "keep_scoring_s": t_keep * layers / L}
+    print(engine)
+    print(f"\nengine, {T} tokens, x{layers / L:g} from {L} layers: decode step exact {1e3 * step['exact']:.1f} ms, "
+          f"fp8 {1e3 * step['fp8']:.1f} ms ({step['exact'] / step['fp8']:.2f}x), int4 {1e3 * step['int4']:.1f} ms "
+          f"({step['exact'] / step['int4']:.2f}x); KEEP scoring of {len(short)} tokens {engine['keep_scoring_s']:.2f} s "
+          f"beside their prefill of {engine['prefill_keep_tokens_s']:.2f} s (+{100 * t_keep / t_pf:.0f}%)")
+    return rows + [engine]
+
+
+def lay_bytes(pool_layer: torch.Tensor) -> int:
+    """Bytes of one page-layer (K or V) of a pool."""
+    return pool_layer[0].numel() * pool_layer.element_size()
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["schedule", "prefill8b", "long1m", "paged"])
+    ap.add_argument("what", choices=["schedule", "prefill8b", "long1m", "paged", "formats"])
     ap.add_argument("--tokens", type=int, nargs="+", default=None)
     ap.add_argument("--ranks", type=int, default=8)
     ap.add_argument("--layers", type=int, default=None)
@@ -250,12 +340,12 @@ def main():
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     defaults = {"schedule": [32768, 131072], "prefill8b": [32768, 131072], "long1m": [1 << 20],
-                "paged": [131072, 1 << 20]}
+                "paged": [131072, 1 << 20], "formats": [131072, 1 << 20]}
     args.tokens = args.tokens or defaults[args.what]
-    args.layers = args.layers or {"schedule": 1, "prefill8b": 32, "long1m": 16, "paged": 1}[args.what]
+    args.layers = args.layers or {"schedule": 1, "prefill8b": 32, "long1m": 16, "paged": 1, "formats": 4}[args.what]
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
     rows = {"schedule": bench_schedule, "prefill8b": bench_prefill8b, "long1m": bench_long1m,
-            "paged": bench_paged}[args.what](args)
+            "paged": bench_paged, "formats": bench_formats}[args.what](args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -1,7 +1,7 @@
 """`ringserve bench recall`: how well a retained context answers, per KV format — RULER-style tasks.
 
     ringserve bench recall [--address A --api-key K | --local] --lengths 1024,2048 --depths 0.1,0.5,0.9
-        --formats exact --tasks niah_single,niah_multikey,... --samples N --out DIR
+        --formats exact,fp8,int4,keep:0.3 --tasks niah_single,niah_multikey,... --samples N --out DIR
 
 The six tasks of NVIDIA's RULER that need no downloaded data, generated here (seeded, deterministic):
 
@@ -195,14 +195,13 @@ class RemoteRunner:
         self.client = Client(address, api_key=api_key, timeout=timeout)
 
     def run(self, sample: Sample, fmt: str) -> list[Answer]:
-        if fmt != "exact":
-            raise ValueError(f"KV format {fmt!r} is not served by this build; formats: exact")
-        s = self.client.create_session(sample.context, ttl="10m")
+        s = self.client.create_session(sample.context, ttl="10m", kv_format=fmt)
         try:
+            s.refresh()
             out = []
             for q in sample.questions:
                 text = s.generate(q.text, max_tokens=q.max_tokens).text()
-                out.append(Answer(sample, q, fmt, text, score(text, q.references), s.kv_bytes, s.kv_bytes))
+                out.append(Answer(sample, q, fmt, text, score(text, q.references), s.kv_bytes, s.exact_kv_bytes))
             return out
         finally:
             s.delete()
@@ -229,22 +228,25 @@ class LocalRunner:
         return ctx, self.tok.encode_turn([{"role": "user", "content": q.text}], add_generation_prompt=True)
 
     def run(self, sample: Sample, fmt: str) -> list[Answer]:
-        from ringserve.workers.protocol import SamplingParams
+        from ringserve.workers.protocol import KVFormat, SamplingParams
 
-        if fmt != "exact":
-            raise ValueError(f"KV format {fmt!r} is not served by this build; formats: exact")
+        spec = KVFormat.parse(fmt)
         self._n += 1
         sid = f"recall{self._n}"
         ctx, _ = self.prompt_ids(sample, sample.questions[0])
-        self.engine.prefill(sid, ctx)
+        # as the Gateway does: fp8/int4 are written packed from the first chunk; keep thins an exact session
+        self.engine.prefill(sid, ctx, kv_format="exact" if spec.keep_fraction else spec.name)
         try:
-            nbytes = self.engine.store.state(sid).nbytes
+            if spec.keep_fraction:
+                self.engine.set_format(sid, "keep", spec.keep_fraction)
+            g = self.engine.store.geometry
+            nbytes, exact = self.engine.store.state(sid).nbytes, g.pages_for(len(ctx)) * g.page_bytes
             out = []
             for q in sample.questions:
                 _, qids = self.prompt_ids(sample, q)
                 ids = list(self.engine.generate(sid, qids, SamplingParams(max_tokens=q.max_tokens)))
                 text = self.tok.decode(ids)
-                out.append(Answer(sample, q, fmt, text, score(text, q.references), nbytes, nbytes))
+                out.append(Answer(sample, q, fmt, text, score(text, q.references), nbytes, exact))
             return out
         finally:
             self.engine.drop(sid)
@@ -379,7 +381,7 @@ def add_parser(sub) -> None:
     p.add_argument("--model", default="default", help="the served model (tokenizer for lengths; --local: the model)")
     p.add_argument("--lengths", default="1024,2048")
     p.add_argument("--depths", default="0.1,0.5,0.9")
-    p.add_argument("--formats", default="exact")
+    p.add_argument("--formats", default="exact", help="comma-separated: exact, fp8, int4, keep:<fraction>")
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--samples", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
@@ -396,7 +398,9 @@ def cmd_recall(args) -> int:
         raise ValueError(f"unknown task(s) {bad}; tasks: {', '.join(TASKS)}")
     lengths = [int(x) for x in args.lengths.split(",")]
     depths = [float(x) for x in args.depths.split(",")]
-    formats = [f for f in args.formats.split(",") if f]
+    from ringserve.workers.protocol import KVFormat
+
+    formats = [str(KVFormat.parse(f)) for f in args.formats.split(",") if f]
     if args.local:
         runner = LocalRunner(args.model)
     else:

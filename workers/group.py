@@ -166,7 +166,7 @@ class ShardWorker:
             lay = ShardLayout.from_dict(meta["layout"])
             lay.evicted = None
             tokens = lay.local_counts()[self.rank]
-        exact = -(-tokens // g.block) * g.page_bytes  # whole pages of the exact format, as billed
+        exact = g.pages_for(tokens) * g.page_bytes  # whole pages of the exact format, as billed
         return SessionInfo(sid, length, Tier(state.tier) if state.tier else None, state.kind, moves, retention,
                            state.nbytes, (state.tokens,), state.persisted_tokens, kv_format=fmt, exact_bytes=exact)
 

@@ -124,6 +124,12 @@ class FormatError(RingserveError):
     grpc_code = "FAILED_PRECONDITION"
 
 
+class FormatSpecError(RingserveError, ValueError):
+    """A KV format name a client sent that is not one (unknown name, keep fraction outside (0, 1))."""
+
+    grpc_code = "INVALID_ARGUMENT"
+
+
 class RequestCancelled(RingserveError):
     """The request was cancelled (its client left, its deadline passed, or its session was deleted)."""
 
@@ -178,6 +184,43 @@ class SamplingParams:
 
 
 # ------------------------------------------------------------------------------------------------ limits
+
+
+@dataclass(frozen=True)
+class KVFormat:
+    """A session's retained KV format as clients name it: "exact", "fp8", "int4" (packed in the session's
+    pages, workers/kvcodec.py) or "keep:<fraction>" (exact, a fraction of the tokens kept, workers/keep.py).
+    The one parser of that name, for the SDK, the Gateway and the recall benchmark."""
+
+    name: str = "exact"
+    keep_fraction: float | None = None
+
+    NAMES = ("exact", "fp8", "int4", "keep")
+
+    def __post_init__(self):
+        if self.name not in self.NAMES:
+            raise FormatSpecError(f"unknown KV format {self.name!r}; formats: exact, fp8, int4, keep:<fraction>")
+        if (self.name == "keep") != (self.keep_fraction is not None):
+            raise FormatSpecError("a keep fraction goes with the format keep, and only with it ('keep:0.3')")
+        if self.keep_fraction is not None and not 0.0 < self.keep_fraction < 1.0:
+            raise FormatSpecError(f"the keep fraction must be within (0, 1), got {self.keep_fraction}")
+
+    @classmethod
+    def parse(cls, text: "str | KVFormat | None") -> "KVFormat":
+        if isinstance(text, KVFormat):
+            return text
+        name, _, frac = (text or "exact").strip().lower().partition(":")
+        if name == "keep" and not frac:
+            raise FormatSpecError("keep needs the fraction of tokens to keep: 'keep:0.3'")
+        try:
+            return cls(name, float(frac) if frac else None)
+        except ValueError as e:
+            if isinstance(e, FormatSpecError):
+                raise
+            raise FormatSpecError(f"the keep fraction in {text!r} is not a number") from None
+
+    def __str__(self) -> str:
+        return self.name if self.keep_fraction is None else f"keep:{self.keep_fraction:g}"
 
 
 @dataclass(frozen=True)

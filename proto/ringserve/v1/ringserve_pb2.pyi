@@ -35,6 +35,14 @@ class PersistMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ON_DEMOTE: _ClassVar[PersistMode]
     WRITE_THROUGH: _ClassVar[PersistMode]
 
+class KvFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    KV_FORMAT_UNSPECIFIED: _ClassVar[KvFormat]
+    EXACT: _ClassVar[KvFormat]
+    FP8: _ClassVar[KvFormat]
+    INT4: _ClassVar[KvFormat]
+    KEEP: _ClassVar[KvFormat]
+
 class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     FINISH_REASON_UNSPECIFIED: _ClassVar[FinishReason]
@@ -49,6 +57,7 @@ class UsageGroupBy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SESSION: _ClassVar[UsageGroupBy]
     TIER: _ClassVar[UsageGroupBy]
     DAY: _ClassVar[UsageGroupBy]
+    KV_FORMAT: _ClassVar[UsageGroupBy]
 
 class ExportFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -68,6 +77,11 @@ COLD: RetentionClass
 PERSIST_MODE_UNSPECIFIED: PersistMode
 ON_DEMOTE: PersistMode
 WRITE_THROUGH: PersistMode
+KV_FORMAT_UNSPECIFIED: KvFormat
+EXACT: KvFormat
+FP8: KvFormat
+INT4: KvFormat
+KEEP: KvFormat
 FINISH_REASON_UNSPECIFIED: FinishReason
 STOP: FinishReason
 LENGTH: FinishReason
@@ -77,6 +91,7 @@ USAGE_GROUP_BY_UNSPECIFIED: UsageGroupBy
 SESSION: UsageGroupBy
 TIER: UsageGroupBy
 DAY: UsageGroupBy
+KV_FORMAT: UsageGroupBy
 EXPORT_FORMAT_UNSPECIFIED: ExportFormat
 JSONL: ExportFormat
 CSV: ExportFormat
@@ -102,7 +117,7 @@ class ChatMessages(_message.Message):
     def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ...) -> None: ...
 
 class Session(_message.Message):
-    __slots__ = ("name", "display_name", "tenant", "size_tokens", "tier", "retention", "persist", "create_time", "expire_time", "ttl", "update_time", "group", "kv_bytes", "allow_quantized_kv", "token_seconds", "cost_accrued", "currency", "billed_through", "retention_cost", "compute_cost")
+    __slots__ = ("name", "display_name", "tenant", "size_tokens", "tier", "retention", "persist", "create_time", "expire_time", "ttl", "update_time", "group", "kv_bytes", "allow_quantized_kv", "kv_format", "kv_keep_fraction", "exact_kv_bytes", "token_seconds", "cost_accrued", "currency", "billed_through", "retention_cost", "compute_cost", "retention_rate")
     class TokenSecondsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -124,12 +139,16 @@ class Session(_message.Message):
     GROUP_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_FIELD_NUMBER: _ClassVar[int]
     ALLOW_QUANTIZED_KV_FIELD_NUMBER: _ClassVar[int]
+    KV_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    KV_KEEP_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    EXACT_KV_BYTES_FIELD_NUMBER: _ClassVar[int]
     TOKEN_SECONDS_FIELD_NUMBER: _ClassVar[int]
     COST_ACCRUED_FIELD_NUMBER: _ClassVar[int]
     CURRENCY_FIELD_NUMBER: _ClassVar[int]
     BILLED_THROUGH_FIELD_NUMBER: _ClassVar[int]
     RETENTION_COST_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_COST_FIELD_NUMBER: _ClassVar[int]
+    RETENTION_RATE_FIELD_NUMBER: _ClassVar[int]
     name: str
     display_name: str
     tenant: str
@@ -144,16 +163,20 @@ class Session(_message.Message):
     group: str
     kv_bytes: int
     allow_quantized_kv: bool
+    kv_format: KvFormat
+    kv_keep_fraction: float
+    exact_kv_bytes: int
     token_seconds: _containers.ScalarMap[str, float]
     cost_accrued: float
     currency: str
     billed_through: _timestamp_pb2.Timestamp
     retention_cost: float
     compute_cost: float
-    def __init__(self, name: _Optional[str] = ..., display_name: _Optional[str] = ..., tenant: _Optional[str] = ..., size_tokens: _Optional[int] = ..., tier: _Optional[_Union[Tier, str]] = ..., retention: _Optional[_Union[RetentionClass, str]] = ..., persist: _Optional[_Union[PersistMode, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., group: _Optional[str] = ..., kv_bytes: _Optional[int] = ..., allow_quantized_kv: _Optional[bool] = ..., token_seconds: _Optional[_Mapping[str, float]] = ..., cost_accrued: _Optional[float] = ..., currency: _Optional[str] = ..., billed_through: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., retention_cost: _Optional[float] = ..., compute_cost: _Optional[float] = ...) -> None: ...
+    retention_rate: float
+    def __init__(self, name: _Optional[str] = ..., display_name: _Optional[str] = ..., tenant: _Optional[str] = ..., size_tokens: _Optional[int] = ..., tier: _Optional[_Union[Tier, str]] = ..., retention: _Optional[_Union[RetentionClass, str]] = ..., persist: _Optional[_Union[PersistMode, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., group: _Optional[str] = ..., kv_bytes: _Optional[int] = ..., allow_quantized_kv: _Optional[bool] = ..., kv_format: _Optional[_Union[KvFormat, str]] = ..., kv_keep_fraction: _Optional[float] = ..., exact_kv_bytes: _Optional[int] = ..., token_seconds: _Optional[_Mapping[str, float]] = ..., cost_accrued: _Optional[float] = ..., currency: _Optional[str] = ..., billed_through: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., retention_cost: _Optional[float] = ..., compute_cost: _Optional[float] = ..., retention_rate: _Optional[float] = ...) -> None: ...
 
 class CreateSessionRequest(_message.Message):
-    __slots__ = ("text", "token_ids", "messages", "ttl", "expire_time", "retention", "persist", "display_name", "allow_quantized_kv", "request_id")
+    __slots__ = ("text", "token_ids", "messages", "ttl", "expire_time", "retention", "persist", "display_name", "allow_quantized_kv", "request_id", "kv_format", "kv_keep_fraction")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
@@ -164,6 +187,8 @@ class CreateSessionRequest(_message.Message):
     DISPLAY_NAME_FIELD_NUMBER: _ClassVar[int]
     ALLOW_QUANTIZED_KV_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    KV_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    KV_KEEP_FRACTION_FIELD_NUMBER: _ClassVar[int]
     text: str
     token_ids: TokenIds
     messages: ChatMessages
@@ -174,7 +199,9 @@ class CreateSessionRequest(_message.Message):
     display_name: str
     allow_quantized_kv: bool
     request_id: str
-    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., messages: _Optional[_Union[ChatMessages, _Mapping]] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., retention: _Optional[_Union[RetentionClass, str]] = ..., persist: _Optional[_Union[PersistMode, str]] = ..., display_name: _Optional[str] = ..., allow_quantized_kv: _Optional[bool] = ..., request_id: _Optional[str] = ...) -> None: ...
+    kv_format: KvFormat
+    kv_keep_fraction: float
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., messages: _Optional[_Union[ChatMessages, _Mapping]] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., retention: _Optional[_Union[RetentionClass, str]] = ..., persist: _Optional[_Union[PersistMode, str]] = ..., display_name: _Optional[str] = ..., allow_quantized_kv: _Optional[bool] = ..., request_id: _Optional[str] = ..., kv_format: _Optional[_Union[KvFormat, str]] = ..., kv_keep_fraction: _Optional[float] = ...) -> None: ...
 
 class Progress(_message.Message):
     __slots__ = ("tokens_done", "tokens_total")
