@@ -137,7 +137,20 @@ class SequenceParallelGroup:
         return await asyncio.to_thread(fn, *args)
 
     def _probe_ranks(self, g: WorkerGroup) -> None:
-        if not g.check_health(timeout_s=20.0):
+        """Ping every rank: a dead one (or a stopped scheduler) fails the group and starts its rebuild. A
+        slow answer does not: a rank busy under load is not a dead one, and a rebuild loses every session
+        held only in memory."""
+        import ray
+
+        try:
+            ray.get([a.ping.remote() for a in g.ranks], timeout=30)
+        except ray.exceptions.GetTimeoutError:
+            log.warning("%s: a rank did not answer its health ping within 30 s", self.group_id)
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorDiedError) as e:
+            g._fail(f"a rank died: {type(e).__name__}")
+        if g.scheduler.broken is not None and g.healthy:
+            g._fail(f"its scheduler stopped: {type(g.scheduler.broken).__name__}")
+        if not g.healthy:
             self._start_rebuild()
 
     async def check_health(self):
@@ -289,6 +302,11 @@ class SequenceParallelGroup:
         """Adopt a session from Redis; with `expect_length`, only a copy of that length on every rank."""
         g = await self._call(self._ready)
         return (await self._call(g.restore, sid, expect_length, to)).with_group(self.group_id)
+
+    async def forget(self, sid: str) -> None:
+        """Drop a session from the ranks' memory, leaving its Redis copy (another group owns it now)."""
+        g = await self._call(self._ready)
+        await self._call(lambda: g._all([a.forget.remote(sid) for a in g.ranks]))
 
     async def set_ttl(self, sid: str, ttl_s: float | None) -> None:
         g = await self._call(self._ready)

@@ -166,8 +166,11 @@ class Loops:
                 if sid in r.busy:
                     continue
                 owner = records.get(sid)
-                if owner is None or owner.group != gid:  # KV nobody owns (a create or delete cut short)
+                if owner is None:  # KV nobody owns (a create or a delete cut short): freed, Redis copy included
                     svc._drop(sid, [gid])
+                    freed.append(sid)
+                elif owner.group != gid:  # a stale second holder: forgotten, the owner's Redis copy kept
+                    svc._call(gid, "forget", sid)
                     freed.append(sid)
                 elif owner.state == "ready" and info.length > owner.size_tokens:  # a settle that never came
                     svc.registry.grow(sid, owner.tenant, info.length)

@@ -394,6 +394,10 @@ def status_of(e: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.FAILED_PRECONDITION, str(e)
     if isinstance(e, BillingError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(e)
+    from ringserve.workers.tokenizer import ChatTemplateError
+
+    if isinstance(e, ChatTemplateError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(e)
     import redis
 
     if isinstance(e, (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)):

@@ -49,6 +49,7 @@ from .rules import RpcError
 log = logging.getLogger("ringserve.sessions")
 
 CALL_TIMEOUT_S = 60.0  # control calls to a group (describe, restore, delete, ...)
+RESERVATION_TTL_S = 6 * 3600.0  # a request's quota reservation is freed after this if never settled
 
 
 def cause(e: BaseException) -> BaseException:
@@ -414,7 +415,7 @@ class SessionService:
                 return
         try:
             await self.io(self.registry.reserve, tenant, bill.id, len(ids), max_tokens=self.cfg.limits.max_tokens,
-                          ttl_s=3600)
+                          ttl_s=RESERVATION_TTL_S)
         except BaseException:
             await self.io(self.settle, Outcome(replace(bill, reservation=0), "failed"))
             raise
@@ -482,7 +483,7 @@ class SessionService:
         if retain:
             try:
                 await self.io(self.registry.reserve, tenant, bill.id, bill.reservation,
-                              max_tokens=self.cfg.limits.max_tokens, ttl_s=3600)
+                              max_tokens=self.cfg.limits.max_tokens, ttl_s=RESERVATION_TTL_S)
             except BaseException:
                 await self.io(self.settle, Outcome(replace(bill, reservation=0), "failed"))
                 raise
@@ -646,10 +647,12 @@ class SessionService:
     # -- restore -------------------------------------------------------------------------------------
 
     def restore_now(self, rec: SessionRecord, to: str = "device") -> SessionInfo:
-        """Adopt a session its group no longer holds from Redis — on its group, else on another — with the
-        registry's length on every rank. A transient failure (Redis or a group unavailable, no room)
-        leaves the session as it is; a missing or failing copy makes it LOST. Blocking."""
-        order = [rec.group] + [g for g in self.groups if g != rec.group]
+        """Adopt a session its group no longer holds from Redis, with the registry's length on every rank. A
+        transient failure (Redis or the group unavailable, no room) leaves the session as it is; a missing
+        or failing copy makes it LOST. Only its own group restores it (another group only if its group is
+        no longer configured): a group that is merely slow may still hold it, and two holders of one
+        session must never exist. Blocking."""
+        order = [rec.group] if rec.group in self.groups else list(self.groups)
         transient: BaseException | None = None
         for gid in order:
             try:

@@ -273,6 +273,9 @@ def test_status_of_each_layer():
     assert rules.status_of(LimitExceeded("limit"))[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert rules.status_of(Conflict("busy"))[0] == grpc.StatusCode.ABORTED
     assert rules.status_of(TimeoutError())[0] == grpc.StatusCode.UNAVAILABLE
+    from ringserve.workers.tokenizer import ChatTemplateError
+
+    assert rules.status_of(ChatTemplateError("roles must alternate"))[0] == grpc.StatusCode.INVALID_ARGUMENT
     code, msg = rules.status_of(KeyError("/secret/path.py line 3 in s-aaaaaaaaaaaaaaaa"))
     assert code == grpc.StatusCode.INTERNAL and "reference" in msg and "secret" not in msg and "KeyError" not in msg
 
