@@ -35,7 +35,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from ray import serve
 
@@ -50,6 +50,7 @@ log = logging.getLogger("ringserve.groups")
 
 REBUILD_WAIT_S = 60.0  # a call waits this long for a rebuild in progress before UNAVAILABLE
 JOURNAL_MAX = 100_000  # outcomes kept unacknowledged at most (oldest dropped, logged)
+COMPUTED_MAX = 100_000  # sessions whose computed tokens are kept (least recently active dropped)
 
 
 @dataclass
@@ -80,7 +81,7 @@ class SequenceParallelGroup:
         self.group = self._start()
         self.inflight: dict[str, _Running] = {}
         self.journal: OrderedDict[str, Outcome] = OrderedDict()
-        self.computed: dict[str, list[int]] = {}  # session -> [prompt, generated] tokens computed, per outcomes
+        self.computed: OrderedDict[str, list[int]] = OrderedDict()  # session -> [prompt, generated] computed
 
     @property
     def epoch(self) -> str:
@@ -249,6 +250,9 @@ class SequenceParallelGroup:
         c = self.computed.setdefault(run.session, [0, 0])
         c[0] += prompt
         c[1] += generated
+        self.computed.move_to_end(run.session)
+        while len(self.computed) > COMPUTED_MAX:
+            self.computed.popitem(last=False)
         self.journal[run.bill.id] = out
         while len(self.journal) > JOURNAL_MAX:
             old, dropped = self.journal.popitem(last=False)
@@ -345,7 +349,8 @@ class SequenceParallelGroup:
         if sessions is None:
             self._start_rebuild()
         busy = frozenset(r.session for r in self.inflight.values())
-        return GroupReport(self.group_id, self.epoch, sessions, busy, tuple(self.journal.values()))
+        outcomes = tuple(replace(o, error=None) for o in self.journal.values())  # settling needs no exception
+        return GroupReport(self.group_id, self.epoch, sessions, busy, outcomes)
 
     async def meter(self) -> MeterReport:
         """Every session's tier history for billing (the tier policy runs on the group's own tick)."""

@@ -105,12 +105,17 @@ class Loops:
         """Settle the group's journaled outcomes; acknowledge those settled with its next report."""
         acked = self._acks.setdefault(gid, [])
         n = 0
+        import redis
+
         for o in report.outcomes:
             try:
                 self.svc.settle(o)
-            except Exception as e:  # noqa: BLE001 - Redis down: settled on a later pass
+            except (redis.ConnectionError, redis.TimeoutError) as e:  # Redis down: the rest on a later pass
                 log.warning("outcome %s of %s not settled yet: %s", o.bill.id, o.bill.session, e)
                 break
+            except Exception:  # noqa: BLE001 - kept (not acknowledged): retried every pass, and logged
+                log.exception("outcome %s of %s could not be settled", o.bill.id, o.bill.session)
+                continue
             acked.append(o.bill.id)
             n += 1
         return n

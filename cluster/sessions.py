@@ -29,7 +29,7 @@ import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 from typing import AsyncIterator
 
@@ -416,8 +416,8 @@ class SessionService:
         try:
             await self.io(self.registry.reserve, tenant, bill.id, len(ids), max_tokens=self.cfg.limits.max_tokens,
                           ttl_s=RESERVATION_TTL_S)
-        except BaseException:
-            await self.io(self.settle, Outcome(replace(bill, reservation=0), "failed"))
+        except BaseException:  # refused, or cancelled: nothing held stays held (releases are idempotent)
+            await self.io(self.settle, Outcome(bill, "failed"))
             raise
         info = None
         t0 = time.perf_counter()
@@ -484,8 +484,8 @@ class SessionService:
             try:
                 await self.io(self.registry.reserve, tenant, bill.id, bill.reservation,
                               max_tokens=self.cfg.limits.max_tokens, ttl_s=RESERVATION_TTL_S)
-            except BaseException:
-                await self.io(self.settle, Outcome(replace(bill, reservation=0), "failed"))
+            except BaseException:  # refused, or cancelled: nothing held stays held (releases are idempotent)
+                await self.io(self.settle, Outcome(bill, "failed"))
                 raise
         try:
             gid = (await self.ensure_held(rec)).group or rec.group

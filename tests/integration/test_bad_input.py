@@ -2,7 +2,7 @@
 real local Ray Serve (one SP = 2 group of a tiny Llama) with a real redis-server, and the same against
 another tenant's session.
 
-The bad-input suite sends 54 classes of bad request (counted in BAD_CLASSES below): each gets its
+The bad-input suite sends 55 classes of bad request (counted in BAD_CLASSES below): each gets its
 documented status code and a message that names no internal address, source path or another tenant's
 session; afterwards the service answers a normal request and the other tenant's session, usage and
 answers are unchanged. The cross-tenant suite tries every session-scoped RPC on another tenant's session:
@@ -47,6 +47,16 @@ def snapshot(c: Cluster, key: str, name: str) -> dict:
             "compute": [(r["prefill_tokens"], r["cached_tokens"], r["generated_tokens"]) for r in recs]}
 
 
+def proxy_peak_mb() -> int:
+    """Peak resident memory (VmHWM) of Serve's proxy process, in MiB."""
+    import psutil
+
+    pids = [p.pid for p in psutil.process_iter(["cmdline"]) if "ProxyActor" in " ".join(p.info["cmdline"] or ())]
+    assert len(pids) == 1, pids
+    with open(f"/proc/{pids[0]}/status") as f:
+        return next(int(line.split()[1]) // 1024 for line in f if line.startswith("VmHWM"))
+
+
 def expect(code: grpc.StatusCode, what: str, call, match: str = "", codes: tuple = ()):
     """Run `call`, which must fail with `code` (or one of `codes`) and a clean, non-empty message."""
     BAD_CLASSES.append(what)
@@ -74,12 +84,19 @@ def test_bad_input_suite_then_the_service_is_whole_and_other_tenants_unchanged(c
     a, none = c.md(A), None
     big = "x" * (MAX_RECEIVE + 1024)
 
-    # -- transport and authentication
+    # -- transport and authentication: an oversized message is refused by the proxy's gRPC core from its
+    # length prefix, before it is buffered (the proxy's peak memory does not grow by the message's size)
+    peak = proxy_peak_mb()
+    huge = "x" * (64 << 20)
     for key, what in ((None, "oversized message without a key"), (A, "oversized message with a key")):
         t0 = time.monotonic()
-        expect(C.RESOURCE_EXHAUSTED, what, lambda: s.CreateSession(pb.CreateSessionRequest(text=big),
+        expect(C.RESOURCE_EXHAUSTED, what, lambda: s.CreateSession(pb.CreateSessionRequest(text=huge),
                                                                     metadata=c.md(key), timeout=30), "larger than max")
         assert time.monotonic() - t0 < 5
+    expect(C.RESOURCE_EXHAUSTED, "message just over the receive bound", lambda: s.AppendToSession(
+        pb.AppendToSessionRequest(name=mine.name, text=big), metadata=a, timeout=30), "larger than max")
+    assert proxy_peak_mb() - peak < 32, (peak, proxy_peak_mb())
+    del huge
     expect(C.UNAUTHENTICATED, "no API key", lambda: s.GetSession(pb.GetSessionRequest(name=mine.name), timeout=30),
            "missing API key")
     expect(C.UNAUTHENTICATED, "authorization not Bearer", lambda: s.GetSession(
@@ -226,7 +243,7 @@ def test_bad_input_suite_then_the_service_is_whole_and_other_tenants_unchanged(c
 
     # -- the count, then the service is whole and tenant B's session is as it was
     assert len(BAD_CLASSES) >= 30 and len(set(BAD_CLASSES)) == len(BAD_CLASSES), BAD_CLASSES
-    assert len(BAD_CLASSES) == 54, len(BAD_CLASSES)
+    assert len(BAD_CLASSES) == 55, len(BAD_CLASSES)
     c.wait(lambda: c.stub.GetSession(pb.GetSessionRequest(name=mine.name), metadata=a, timeout=30), 30,
            what="A's requests admitted again")
     fresh = create(c, A, "A normal request after all of that: a note about tulips.")
