@@ -2,7 +2,7 @@
 server of our own, as Serve's proxy is one), the SDK's TLS arguments, certificate renewal without a
 restart, the file checks, the environment that carries the settings to the proxy, and
 `transport_refusal` on Serve's own RayServegRPCContext built from real TLS and plaintext calls.
-The end-to-end run through `ringserve serve` is tests/integration/test_tls.py."""
+The end-to-end run through `ringserve serve` is tests/integration/test_tls_serve.py."""
 
 from __future__ import annotations
 
