@@ -37,16 +37,17 @@ def model_logits(loaded, ids) -> torch.Tensor:
     return out
 
 
-def model_greedy(loaded, ids, n: int) -> list[int]:
-    """n greedy tokens after `ids` on one device (no stop ids): `ids` minus its last token is the
-    session, the last token is the prompt, as `ringserve generate` does it."""
+def model_greedy(loaded, ids, n: int, stop_ids: frozenset[int] = frozenset()) -> list[int]:
+    """n greedy tokens after `ids` on one device (by default no stop ids: it runs past an end of turn):
+    `ids` minus its last token is the session, the last token is the prompt, as `ringserve generate`
+    does it."""
     from ringserve.workers.engine import ShardEngine
     from ringserve.workers.sampling import SamplingParams
 
     assert len(ids) >= 2, "model_greedy needs a session and a prompt: at least 2 tokens"
     eng = ShardEngine(loaded)
     eng.prefill("greedy", ids[:-1])
-    return list(eng.generate("greedy", ids[-1:], SamplingParams(max_tokens=n), stop_ids=frozenset()))
+    return list(eng.generate("greedy", ids[-1:], SamplingParams(max_tokens=n), stop_ids=frozenset(stop_ids)))
 
 
 def model_check_context(loaded, n_tokens: int) -> None:
@@ -159,15 +160,19 @@ _GGUF_LAYER = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self
                "mlp.gate": "ffn_gate_inp", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
 
 
+def llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Q/K rows reordered as llama.cpp's convert_hf_to_gguf.py does for Llama (written out here, not taken
+    from the loader under test): HF keeps each head's RoPE halves apart, llama.cpp interleaves them."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
 def write_gguf(src: Path, dst: Path, *, qtype: str = "F32", arch: str | None = None) -> Path:
     """Convert a tiny HF checkpoint to GGUF the way llama.cpp does: Llama / Mistral as "llama" with
-    Q/K rows permuted for its RoPE, Qwen as stored; MoE experts stacked per layer into
+    Q/K rows permuted for its RoPE (checked against transformers' GGUF reader in tests/unit/test_gguf_writer.py), Qwen as stored; MoE experts stacked per layer into
     ffn_{gate,up,down}_exps. `arch` overrides the architecture name written (for error tests)."""
     import gguf
     from gguf import GGMLQuantizationType as Q
     from safetensors.torch import load_file
-
-    from ringserve.workers.loader import permute_rope
 
     cfg = json.loads((src / "config.json").read_text())
     family = cfg["model_type"]
@@ -232,9 +237,9 @@ def write_gguf(src: Path, dst: Path, *, qtype: str = "F32", arch: str | None = N
                 continue
             mod, kind = rest.rsplit(".", 1)
             if permute and mod == "self_attn.q_proj":
-                a = permute_rope(a, cfg["num_attention_heads"])
+                a = llama_cpp_permute(a, cfg["num_attention_heads"])
             elif permute and mod == "self_attn.k_proj":
-                a = permute_rope(a, cfg["num_key_value_heads"])
+                a = llama_cpp_permute(a, cfg["num_key_value_heads"])
             tensors[f"blk.{i}.{_GGUF_LAYER[mod]}.{kind}"] = a
         else:
             tensors[names[name]] = a

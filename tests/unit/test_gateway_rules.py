@@ -378,3 +378,56 @@ def test_input_limits_and_the_proxy_environment():
         InputLimits.from_dict({"max_receive": 1})
     with pytest.raises(ValueError, match="max_concurrent_per_tenant"):
         InputLimits(max_concurrent_per_tenant=0)
+
+
+# ------------------------------------------------------------------------------------------------ outcomes
+
+
+def test_every_documented_finish_reason_has_its_engine_reason():
+    """Each FinishReason the proto documents is what one engine end reason maps to, and no two share one."""
+    documented = {v.number for v in pb.FinishReason.DESCRIPTOR.values} - {pb.FINISH_REASON_UNSPECIFIED}
+    assert set(rules.FINISH.values()) == documented and len(rules.FINISH) == len(documented)
+    assert rules.FINISH["context"] == pb.CONTEXT_FULL and rules.FINISH["stop_sequence"] == pb.STOP_SEQUENCE
+
+
+def test_data_plane_errors_keep_their_documented_codes():
+    from ringserve.workers.protocol import KVDataLossError
+
+    assert rules.status_of(KVDataLossError("session 's' is lost: payload checksum"))[0] == grpc.StatusCode.DATA_LOSS
+    assert rules.status_of(ContextLimitError("exceed the limit of 8 tokens"))[0] == grpc.StatusCode.FAILED_PRECONDITION
+    code, msg = rules.status_of(GroupUnhealthy("group-0: a rank died"))
+    assert code == grpc.StatusCode.UNAVAILABLE and msg.endswith("retry shortly")
+
+
+def test_no_healthy_group_is_unavailable_and_new_sessions_go_where_most_kv_is_free():
+    """SessionService.pick_group over fake group handles (no Ray): unhealthy or failing groups are skipped;
+    none left is UNAVAILABLE, retryable."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from ringserve.cluster.sessions import SessionService
+    from ringserve.workers.protocol import GroupCapacity
+
+    def cap(gid, healthy, free, sessions=0):
+        return GroupCapacity(group=gid, healthy=healthy, sessions=sessions, free_kv_bytes=free, kv_bytes=None)
+
+    class Handle:
+        def __init__(self, answer):
+            self.capacity = SimpleNamespace(remote=lambda: self._answer())
+            self.answer = answer
+
+        async def _answer(self):
+            if isinstance(self.answer, BaseException):
+                raise self.answer
+            return self.answer
+
+    def pick(*answers):
+        svc = SimpleNamespace(groups={f"g{i}": Handle(a) for i, a in enumerate(answers)})
+        return asyncio.run(SessionService.pick_group(svc))
+
+    assert pick(cap("g0", True, 100), cap("g1", True, 300)) == "g1"
+    assert pick(cap("g0", True, 100, 1), cap("g1", True, 100, 0)) == "g1"  # a tie: the fewer sessions
+    assert pick(cap("g0", True, 10), cap("g1", False, 10**9), RuntimeError("replica restarting")) == "g0"
+    for answers in ((cap("g0", False, 100), cap("g1", False, 100)), (RuntimeError("dead"),)):
+        with refused(grpc.StatusCode.UNAVAILABLE, "no healthy worker group; retry"):
+            pick(*answers)
