@@ -1,7 +1,11 @@
 """The kernel tests again on CUDA, compiled (not interpreted), at sizes the interpreter cannot reach.
 
-Skipped without a GPU ("no CUDA") and under TRITON_INTERPRET=1 (these check the compiled kernels).
-Run: TRITON_INTERPRET=0 python -m pytest -q tests/gpu/test_kernels_gpu.py
+`make test` runs this suite in its own pytest process with TRITON_INTERPRET=0, so on a CUDA host it runs
+natively; without a GPU it is skipped ("no CUDA"). Run by hand with TRITON_INTERPRET=1 set it is skipped too
+(these check the compiled kernels). Run: TRITON_INTERPRET=0 python -m pytest -q tests/gpu/test_kernels_gpu.py
+
+Each attention test records which path computed it (the Triton kernel, or PyTorch's cuDNN / flash SDPA op)
+and asserts it: a backend that silently fell back would otherwise pass under its own name.
 """
 
 from __future__ import annotations
@@ -68,11 +72,40 @@ ATTN_CASES = [
 ]
 
 
+SDPA_OPS = {"cudnn": "_scaled_dot_product_cudnn_attention", "flash": "_scaled_dot_product_flash_attention"}
+
+
+@pytest.fixture
+def ran(monkeypatch):
+    """The paths that computed attention during the test, in order: "triton" for a launch of the Triton
+    kernel, "cudnn" / "flash" for a call of PyTorch's fused op."""
+    from ringserve.kernels import attention
+
+    calls: list[str] = []
+    kernel = attention._attn_fwd_kernel
+
+    class Launch:
+        def __getitem__(self, grid):
+            calls.append("triton")
+            return kernel[grid]
+    monkeypatch.setattr(attention, "_attn_fwd_kernel", Launch())
+    for name, op in SDPA_OPS.items():
+        if hasattr(torch.ops.aten, op):
+            real = getattr(torch.ops.aten, op)
+
+            def spy(*a, _real=real, _name=name, **kw):
+                calls.append(_name)
+                return _real(*a, **kw)
+            monkeypatch.setattr(torch.ops.aten, op, spy)
+    return calls
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("Tq,Tk,H,Hkv,D,causal,q_start,k_start", ATTN_CASES)
-def test_flash_attention_cuda(Tq, Tk, H, Hkv, D, causal, q_start, k_start, dtype):
+def test_flash_attention_cuda(Tq, Tk, H, Hkv, D, causal, q_start, k_start, dtype, ran):
     q, k, v = _rand(_seed(Tq, Tk, H, Hkv, D, causal), (Tq, H, D), (Tk, Hkv, D), (Tk, Hkv, D), dtype=dtype)
     out, lse = flash_attention(q, k, v, causal=causal, q_start=q_start, k_start=k_start)
+    assert ran == ["triton"]  # "auto" on CUDA is the Triton kernel
     ref_out, ref_lse = flash_attention_ref(q, k, v, causal=causal, q_start=q_start, k_start=k_start, out_dtype=torch.float32)
     assert out.dtype == dtype
     _check(out.float(), lse, ref_out, ref_lse, 1e-2)
@@ -85,16 +118,38 @@ def test_flash_attention_cuda_fp32_is_exact_ish():
     _check(out, lse, ref_out, ref_lse, 1e-5)
 
 
-@pytest.mark.parametrize("backend", ["cudnn", "flash"])
-@pytest.mark.parametrize("causal,q_start,k_start", [(False, 0, 0), (True, 0, 0), (True, 128, 0), (True, 700, 0), (True, 0, 4096), (True, 100, 0)])
-def test_sdpa_backends_with_lse(backend, causal, q_start, k_start):
+# q (512, 8, 128) over k, v (640, 2, 128): which path each mask takes. The fused ops express full blocks and
+# one causal alignment each (cuDNN top-left, q_start == k_start; flash bottom-right, q_start - k_start ==
+# Tk - Tq = 128); any other mixed mask is computed by the Triton kernel; a block no query sees needs no kernel.
+SDPA_CASES = [
+    # backend, causal, q_start, k_start, path expected
+    ("cudnn", False, 0, 0, "cudnn"),
+    ("flash", False, 0, 0, "flash"),
+    ("cudnn", True, 0, 0, "cudnn"),
+    ("flash", True, 128, 0, "flash"),
+    ("cudnn", True, 700, 0, "cudnn"),  # every key before every query: a full block
+    ("flash", True, 700, 0, "flash"),
+    ("cudnn", True, 128, 0, "triton"),  # flash's alignment, not cuDNN's
+    ("flash", True, 0, 0, "triton"),  # cuDNN's alignment, not flash's
+    ("cudnn", True, 100, 0, "triton"),
+    ("flash", True, 100, 0, "triton"),
+    ("cudnn", True, 0, 4096, "none"),  # every key after every query: zeros and -inf, nothing launched
+    ("flash", True, 0, 4096, "none"),
+]
+
+
+@pytest.mark.parametrize("backend,causal,q_start,k_start,path", SDPA_CASES,
+                         ids=[f"{b}-{'causal' if c else 'full'}-q{q}-k{k}-runs-{p}" for b, c, q, k, p in SDPA_CASES])
+def test_sdpa_backends_with_lse(backend, causal, q_start, k_start, path, ran):
+    if not hasattr(torch.ops.aten, SDPA_OPS[backend]):  # not in this torch build at all; an error of the op fails
+        pytest.skip(f"torch {torch.__version__} has no aten.{SDPA_OPS[backend]}")
     q, k, v = _rand(_seed(backend, q_start), (512, 8, 128), (640, 2, 128), (640, 2, 128), dtype=torch.bfloat16)
-    try:
-        out, lse = flash_attention(q, k, v, causal=causal, q_start=q_start, k_start=k_start, backend=backend)
-    except RuntimeError as exc:  # the op is missing from this torch build / GPU
-        pytest.skip(f"{backend} op unavailable: {exc}")
+    out, lse = flash_attention(q, k, v, causal=causal, q_start=q_start, k_start=k_start, backend=backend)
+    assert ran == ([] if path == "none" else [path]), ran
     ref_out, ref_lse = flash_attention_ref(q, k, v, causal=causal, q_start=q_start, k_start=k_start, out_dtype=torch.float32)
     _check(out.float(), lse, ref_out, ref_lse, 1e-2)
+    if path == "none":
+        assert torch.isneginf(lse).all() and (out == 0).all()
 
 
 @pytest.mark.parametrize("n_blocks", [2, 3, 8])
