@@ -121,6 +121,26 @@ def persist_name(value: int) -> str:
     return pb.PersistMode.Name(value).lower() if value else _PERSIST_DEFAULT
 
 
+def _kv_format_fields(value: str | None) -> dict[str, Any]:
+    """"exact" / "fp8" / "int4" / "keep:0.3" -> the kv_format and kv_keep_fraction fields of a request."""
+    from ringserve.workers.protocol import KVFormat
+
+    f = KVFormat.parse(value)
+    out: dict[str, Any] = {"kv_format": pb.KvFormat.Value(f.name.upper())}
+    if f.keep_fraction is not None:
+        out["kv_keep_fraction"] = f.keep_fraction
+    return out
+
+
+def kv_format_name(session: pb.Session) -> str:
+    """A Session's kv_format and kv_keep_fraction as one name: "exact", "fp8", "int4", "keep:0.3"."""
+    from ringserve.workers.protocol import KVFormat
+
+    if session.kv_format == pb.KEEP:
+        return str(KVFormat("keep", round(session.kv_keep_fraction, 6)))
+    return pb.KvFormat.Name(session.kv_format).lower() if session.kv_format else "exact"
+
+
 def finish_reason_name(value: int) -> str | None:
     """FinishReason enum -> "stop" / "length" / "stop_sequence" / "context_full"; None if unset."""
     return pb.FinishReason.Name(value).lower() if value else None
@@ -156,7 +176,7 @@ def content(text: str | None, tokens: Iterable[int] | None, messages: Messages |
 
 def create_request(text, tokens, messages, *, ttl: TTL | None, expire_time: datetime | None,
                    retention: str, persist: str, display_name: str, allow_quantized_kv: bool,
-                   request_id: str | None) -> pb.CreateSessionRequest:
+                   request_id: str | None, kv_format: str | None = None) -> pb.CreateSessionRequest:
     if ttl is not None and expire_time is not None:
         raise ValueError("pass ttl= or expire_time=, not both")
     req = pb.CreateSessionRequest(
@@ -165,6 +185,7 @@ def create_request(text, tokens, messages, *, ttl: TTL | None, expire_time: date
         persist=_choice(PERSIST, persist, "persist"),
         display_name=display_name,
         allow_quantized_kv=allow_quantized_kv,
+        **(_kv_format_fields(kv_format) if kv_format is not None else {}),
         # Generated once per call, before any attempt: a retry sends the same id, so the server
         # returns the session the lost attempt created instead of creating a second one.
         request_id=request_id or str(uuid.uuid4()),
@@ -214,9 +235,15 @@ def retention_update(name: str, retention: str) -> pb.UpdateSessionRequest:
     return pb.UpdateSessionRequest(session=session, update_mask=field_mask_pb2.FieldMask(paths=["retention"]))
 
 
+def format_update(name: str, kv_format: str) -> pb.UpdateSessionRequest:
+    fields = _kv_format_fields(kv_format)
+    session = pb.Session(name=name, **fields)
+    return pb.UpdateSessionRequest(session=session, update_mask=field_mask_pb2.FieldMask(paths=sorted(fields)))
+
+
 # --- usage ------------------------------------------------------------------------------------
 
-GROUP_BY = {"session": pb.SESSION, "tier": pb.TIER, "day": pb.DAY}
+GROUP_BY = {"session": pb.SESSION, "tier": pb.TIER, "day": pb.DAY, "kv_format": pb.KV_FORMAT}
 EXPORT_FORMAT = {"jsonl": pb.JSONL, "csv": pb.CSV}
 
 

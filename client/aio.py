@@ -96,6 +96,10 @@ class AsyncSession(SessionView):
         self._update(await self._transport.unary("UpdateSession", _wire.retention_update(self.name, retention)))
         return self
 
+    async def set_kv_format(self, kv_format: str) -> AsyncSession:
+        self._update(await self._transport.unary("UpdateSession", _wire.format_update(self.name, kv_format)))
+        return self
+
     async def delete(self) -> None:
         await self._transport.unary("DeleteSession", pb.DeleteSessionRequest(name=self.name))
 
@@ -159,13 +163,13 @@ class AsyncClient:
                        expire_time: datetime | None = None, retention: str = "standard",
                        persist: str = "on_demote", display_name: str = "",
                        allow_quantized_kv: bool = False, request_id: str | None = None,
-                       progress: ProgressArg = False) -> _Creating:
+                       kv_format: str = "exact", progress: ProgressArg = False) -> _Creating:
         """See :meth:`ringserve.client.Client.create_session`. Arguments are checked right
         away; ``await`` the result (or ``async with`` it) to run the RPC."""
         request = _wire.create_request(
             text, tokens, messages, ttl=ttl, expire_time=expire_time, retention=retention,
             persist=persist, display_name=display_name, allow_quantized_kv=allow_quantized_kv,
-            request_id=request_id)
+            request_id=request_id, kv_format=kv_format)
         return _Creating(self._create(request, progress))
 
     async def _create(self, request: pb.CreateSessionRequest, progress: ProgressArg) -> AsyncSession:
@@ -196,7 +200,7 @@ class AsyncClient:
                     end: datetime | None = None, group_by: str = "session", session: str | None = None,
                     tenant: str = "") -> pb.GetUsageResponse:
         """Usage and cost over a window: ``since`` ("24h", a timedelta, seconds) back from now, or
-        aware datetimes ``start`` / ``end``. ``group_by``: "session", "tier" or "day". Returns the
+        aware datetimes ``start`` / ``end``. ``group_by``: "session", "tier", "day" or "kv_format". Returns the
         ``ringserve.v1.GetUsageResponse`` (``.line_items``, ``.total``, ``.currency``,
         ``.accruing_cost``). ``tenant``: another tenant's usage (admin keys only)."""
         request = _wire.usage_request(since, start, end, group_by=group_by, session=session, tenant=tenant)

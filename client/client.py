@@ -51,7 +51,7 @@ class Client:
                        expire_time: datetime | None = None, retention: str = "standard",
                        persist: str = "on_demote", display_name: str = "",
                        allow_quantized_kv: bool = False, request_id: str | None = None,
-                       progress: ProgressArg = False) -> Session:
+                       kv_format: str = "exact", progress: ProgressArg = False) -> Session:
         """Prefill a context (exactly one of text / tokens / messages) and retain it.
 
         Args:
@@ -62,6 +62,8 @@ class Client:
             persist: "on_demote" or "write_through" (survives the loss of its worker group).
             request_id: idempotency key; a fresh uuid4 by default, reused by retries so a retry
                 cannot create a second session.
+            kv_format: how the KV is stored, and so what retaining it costs: "exact" (default), "fp8",
+                "int4", or "keep:<fraction>" (keep that fraction of the context's tokens).
             progress: True draws a progress bar on stderr; a callable gets (tokens_done, tokens_total).
 
         Returns when the server sends the created Session (prefill done).
@@ -69,7 +71,7 @@ class Client:
         request = _wire.create_request(
             text, tokens, messages, ttl=ttl, expire_time=expire_time, retention=retention,
             persist=persist, display_name=display_name, allow_quantized_kv=allow_quantized_kv,
-            request_id=request_id)
+            request_id=request_id, kv_format=kv_format)
         return Session(session_stream(self._transport, "CreateSession", request, progress, "prefill"), self._transport)
 
     def get_session(self, name_or_id: str) -> Session:
@@ -97,7 +99,7 @@ class Client:
     def usage(self, since: _wire.TTL | None = None, *, start: datetime | None = None, end: datetime | None = None,
               group_by: str = "session", session: str | None = None, tenant: str = "") -> pb.GetUsageResponse:
         """Usage and cost over a window: ``since`` ("24h", a timedelta, seconds) back from now, or
-        aware datetimes ``start`` / ``end``. ``group_by``: "session", "tier" or "day". Returns the
+        aware datetimes ``start`` / ``end``. ``group_by``: "session", "tier", "day" or "kv_format". Returns the
         ``ringserve.v1.GetUsageResponse`` (``.line_items``, ``.total``, ``.currency``,
         ``.accruing_cost``). ``tenant``: another tenant's usage (admin keys only)."""
         request = _wire.usage_request(since, start, end, group_by=group_by, session=session, tenant=tenant)

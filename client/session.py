@@ -103,8 +103,30 @@ class SessionView:
 
     @property
     def kv_bytes(self) -> int:
-        """Bytes of KV over all ranks."""
+        """Bytes of KV over all ranks, in whole pages."""
         return self._message.kv_bytes
+
+    @property
+    def exact_kv_bytes(self) -> int:
+        """Bytes its tokens take stored exactly (the model's dtype, tokens x bytes per token)."""
+        return self._message.exact_kv_bytes
+
+    @property
+    def stored_kv_bytes(self) -> int:
+        """Bytes its stored tokens take in its KV format (``kv_bytes`` less the unused slots of its
+        pages); retention is priced by ``stored_kv_bytes / exact_kv_bytes``."""
+        return self._message.stored_kv_bytes
+
+    @property
+    def kv_format(self) -> str:
+        """How the KV is stored: 'exact', 'fp8', 'int4' or 'keep:<fraction>'."""
+        return _wire.kv_format_name(self._message)
+
+    @property
+    def retention_rate(self) -> float:
+        """What retaining the session costs now, per hour, in ``currency``: its tier's rate x its
+        tokens x ``stored_kv_bytes / exact_kv_bytes``."""
+        return self._message.retention_rate
 
     @property
     def token_seconds(self) -> dict[str, float]:
@@ -328,6 +350,12 @@ class Session(SessionView):
     def set_retention(self, retention: str) -> Session:
         """Change the retention class: 'hot', 'standard' or 'cold'."""
         self._update(self._transport.unary("UpdateSession", _wire.retention_update(self.name, retention)))
+        return self
+
+    def set_kv_format(self, kv_format: str) -> Session:
+        """Store the KV smaller from now on: 'fp8', 'int4' (from a larger format) or 'keep:<fraction>'
+        (from exact, once). Formats only move down; going back is FAILED_PRECONDITION."""
+        self._update(self._transport.unary("UpdateSession", _wire.format_update(self.name, kv_format)))
         return self
 
     def delete(self) -> None:

@@ -2,14 +2,17 @@
 
 What is billed (rates in `Rates`, part of the typed config):
     retention  tokens x seconds a session's KV is resident, per tier ("hbm", "host", "redis") and
-               retention class, priced per 1M token-hours, prorated per second
+               retention class, priced per 1M token-hours, prorated per second, times the bytes its KV
+               format stores over what the same tokens take exactly (kv_bytes / exact_bytes: fp8 about
+               0.5, int4 about 0.3, keep:f about f; exact 1)
     compute    prefill tokens, tokens served from retained context ("cached"), generated tokens,
                priced per 1M tokens
 
-How it is metered. Every session has one *open interval* in Redis (tier, tokens, retention class,
-since). An event closes it and opens the next: a tier move, a resize (append, retained turn), an
-extension, a retention-class change, the delete or the expiry, and every hour boundary (the periodic
-pass closes each interval at the last boundary, so a quiet session still gets one record an hour).
+How it is metered. Every session has one *open interval* in Redis (tier, tokens, retention class, KV
+format and bytes, since). An event closes it and opens the next: a tier move, a resize (append,
+retained turn), an extension, a retention-class change, a change of KV format, the delete or the
+expiry, and every hour boundary (the periodic pass closes each interval at the last boundary, so a
+quiet session still gets one record an hour).
 A closed interval becomes one usage record per clock hour it spans.
 
 Why it never loses or double-counts:
@@ -58,6 +61,7 @@ TIERS = tuple(t.api for t in Tier)  # "hbm", "host", "redis"
 CLASSES = ("hot", "standard", "cold")
 HOUR_MS = 3_600_000
 DAY_MS = 24 * HOUR_MS
+GROUP_BY = ("session", "tier", "day", "kv_format")  # how usage line items may be grouped
 MAX_RANGE_S = 93 * 86400  # a usage query spans at most a quarter
 EVENTS_TTL_S = 35 * 86400  # applied-event ids of a closed session are kept this long (replays within it are no-ops)
 
@@ -116,10 +120,14 @@ class Rates:
     def from_dict(cls, d: dict | None) -> "Rates":
         return d if isinstance(d, Rates) else cls(**(d or {}))
 
-    def retention_nanos(self, retention: str, tier: str, token_ms: int) -> int:
-        """Cost of token_ms (tokens x milliseconds) in nano-units: token_ms x price / 3600."""
+    def retention_nanos(self, retention: str, tier: str, token_ms: int, kv_bytes: int = 0, exact_bytes: int = 0) -> int:
+        """Cost of token_ms (tokens x milliseconds) in nano-units: token_ms x price / 3600, times the
+        session's stored bytes over what the same tokens take exactly (its KV format; 1 when not known)."""
         price = Decimal(str(self.retention[retention][tier]))
-        return int((token_ms * price / 3600).to_integral_value(ROUND_HALF_EVEN))
+        amount = token_ms * price / 3600
+        if kv_bytes > 0 and exact_bytes > 0:
+            amount = token_ms * price * kv_bytes / (3600 * exact_bytes)
+        return int(amount.to_integral_value(ROUND_HALF_EVEN))
 
     def compute_nanos(self, prefill: int, cached: int, generated: int) -> int:
         """Cost of one request's tokens in nano-units: tokens x price-per-1M x 1000."""
@@ -203,6 +211,9 @@ class Interval:
     seq: str  # records of this session so far, as the script left it
     move: int  # last tier-move number applied
     group: str = ""
+    kv_format: str = "exact"  # how the KV is stored ("exact", "fp8", "int4", "keep:0.3"): priced by its bytes
+    kv_bytes: int = 0  # its stored tokens' bytes in its format, over every rank (0: not known, priced as exact)
+    exact_bytes: int = 0  # what the same tokens take in the exact format
 
     @classmethod
     def from_redis(cls, h: dict) -> "Interval | None":
@@ -210,11 +221,21 @@ class Interval:
             return None
         g = {k.decode(): v.decode() for k, v in h.items()}
         return cls(g["tenant"], g["tier"], int(g["tokens"]), g["retention"], int(g["since"]), g["seq"],
-                   int(g.get("move", "0")), g.get("group", ""))
+                   int(g.get("move", "0")), g.get("group", ""), g.get("kv_format", "exact"),
+                   int(g.get("kv_bytes", "0")), int(g.get("exact_bytes", "0")))
 
     def state(self) -> dict:
         return {"tenant": self.tenant, "tier": self.tier, "tokens": str(self.tokens), "retention": self.retention,
-                "move": str(self.move), "group": self.group}
+                "move": str(self.move), "group": self.group, "kv_format": self.kv_format,
+                "kv_bytes": str(self.kv_bytes), "exact_bytes": str(self.exact_bytes)}
+
+    def stored(self, kv_format: str | None, kv_bytes: int | None, exact_bytes: int | None) -> "Interval":
+        """The interval with the session's stored form as a group last reported it (None: unchanged)."""
+        if kv_format is not None:
+            self.kv_format = kv_format
+        if kv_bytes is not None and exact_bytes is not None:
+            self.kv_bytes, self.exact_bytes = kv_bytes, exact_bytes
+        return self
 
 
 def _ms(t: float) -> int:
@@ -264,10 +285,11 @@ class Ledger:
         while t < end:
             stop = min(end, (t // HOUR_MS + 1) * HOUR_MS)
             token_ms = iv.tokens * (stop - t)
-            nanos = self.rates.retention_nanos(iv.retention, iv.tier, token_ms)
+            nanos = self.rates.retention_nanos(iv.retention, iv.tier, token_ms, iv.kv_bytes, iv.exact_bytes)
             rec = {"kind": "retention", "session": sid, "tenant": iv.tenant, "tier": iv.tier,
                    "class": iv.retention, "start": t, "end": stop, "tokens": iv.tokens, "token_ms": token_ms,
-                   "nanos": nanos, "group": iv.group}
+                   "nanos": nanos, "group": iv.group, "kv_format": iv.kv_format, "stored_kv_bytes": iv.kv_bytes,
+                   "exact_kv_bytes": iv.exact_bytes}
             wire = None
             if event:
                 rec["id"], rec["event"] = f"{sid}:r{n}", f"{sid}:{event}"
@@ -336,12 +358,14 @@ class Ledger:
     # ------------------------------------------------------------------------------ events
 
     def open(self, sid: str, tenant: str, *, t: float, tier: str, tokens: int, retention: str, group: str = "",
-             prefill_tokens: int = 0, move: int = 0) -> str:
-        """Start metering a new session at t (its creation commit), billing its prefill."""
+             prefill_tokens: int = 0, move: int = 0, kv_format: str = "exact", kv_bytes: int = 0,
+             exact_bytes: int = 0) -> str:
+        """Start metering a new session at t (its creation commit), billing its prefill. kv_format,
+        kv_bytes, exact_bytes: its stored form, which prices its retention (rate x kv_bytes / exact_bytes)."""
         self.check_size(tokens)
         tier = Tier.parse(tier).api
         ms = _ms(t)
-        iv = Interval(tenant, tier, tokens, retention, ms, "", move, group)
+        iv = Interval(tenant, tier, tokens, retention, ms, "", move, group, kv_format, kv_bytes, exact_bytes)
         records = [self._compute_record(sid, tenant, ms, prefill_tokens, 0, 0, "create")] if prefill_tokens else []
         self.fault("read")
         out = self._write(sid, tenant, "create", "", "set", records, since=ms, tenant=tenant, state=iv.state())
@@ -353,21 +377,29 @@ class Ledger:
                                f"(billing.min_session_tokens); this one has {tokens}")
 
     def resize(self, sid: str, event: str, *, t: float, tokens: int, compute: tuple[int, int, int] | None = None,
-               tenant: str | None = None):
+               tenant: str | None = None, kv_bytes: int | None = None, exact_bytes: int | None = None):
         """The session now holds `tokens` (an append or a retained turn), billing `compute`
         (prefill, cached, generated tokens) with it — even if the session was closed meanwhile, when
         its tenant is given. Sessions never shrink: a resize to fewer tokens than the open interval
         holds (a late, out-of-order event) changes nothing and returns 'same' (its compute, if any, is
-        still billed)."""
+        still billed). kv_bytes, exact_bytes: the session's stored bytes after it grew, when known (a
+        KEEP session's ratio rises with every exact turn)."""
         if compute is None:
             iv = self._read(sid)
             if iv is not None and iv.tokens >= tokens:
                 return "same"
 
         def up(iv):
+            if tokens > iv.tokens:
+                iv.stored(None, kv_bytes, exact_bytes)
             iv.tokens = max(iv.tokens, tokens)
             return iv
         return self._change(sid, event, t, up, compute, tenant)
+
+    def set_format(self, sid: str, event: str, *, t: float, kv_format: str, kv_bytes: int, exact_bytes: int) -> str:
+        """The session is stored in a new (smaller) form from t: the interval closes at the old price
+        and reopens at the new one."""
+        return self._change(sid, event, t, lambda iv: iv.stored(kv_format, kv_bytes, exact_bytes))
 
     def set_retention(self, sid: str, event: str, *, t: float, retention: str | None = None) -> str:
         """Close the interval at t (an extension), changing the retention class if given."""
@@ -528,8 +560,8 @@ class Ledger:
         counted apart in `accruing_nanos`."""
         now = self.clock() if now is None else now
         self.check_range(start, end)
-        if group_by not in ("session", "tier", "day"):
-            raise BillingError(f"group_by must be session, tier or day, got {group_by!r}")
+        if group_by not in GROUP_BY:
+            raise BillingError(f"group_by must be one of {', '.join(GROUP_BY)}, got {group_by!r}")
         recs = self.records(tenant, start, end, session)
         accruing = []
         live = sorted(s.decode() for s in self.client.smembers(f"{P}open:t:{tenant}"))
@@ -548,7 +580,8 @@ class Ledger:
         items: dict[str, dict] = {}
         total = _line("total")
         for r in recs + accruing:
-            key = {"session": r["session"], "tier": r.get("tier", "compute"), "day": _day(r["start"])}[group_by]
+            key = {"session": r["session"], "tier": r.get("tier", "compute"), "day": _day(r["start"]),
+                   "kv_format": r.get("kv_format", "exact") if r["kind"] == "retention" else "compute"}[group_by]
             for line in (items.setdefault(key, _line(key)), total):
                 _add(line, r)
         return {"tenant": tenant, "start": start, "end": end, "group_by": group_by, "currency": self.rates.currency,
@@ -571,7 +604,8 @@ class Ledger:
             raise BillingError(f"format must be csv or jsonl, got {fmt!r}")
         recs = self.records(tenant, start, end, session)
         cols = ["id", "event", "tenant", "session", "kind", "tier", "class", "start", "end", "tokens", "token_ms",
-                "prefill_tokens", "cached_tokens", "generated_tokens", "nanos", "amount", "currency"]
+                "kv_format", "stored_kv_bytes", "exact_kv_bytes", "prefill_tokens", "cached_tokens", "generated_tokens",
+                "nanos", "amount", "currency"]
         if fmt == "csv":
             buf = io.StringIO()
             csv.writer(buf).writerow(cols)

@@ -269,7 +269,7 @@ def _add_client_commands(sub):
     st.set_defaults(func=cmd_status)
     u = sub.add_parser("usage", help="usage and cost over a time window (token-hours by tier, tokens, cost)")
     u.add_argument("--since", default="24h", help="window back from now, e.g. 1h, 24h, 7d (default 24h)")
-    u.add_argument("--group-by", default="session", choices=["session", "tier", "day"])
+    u.add_argument("--group-by", default="session", choices=["session", "tier", "day", "kv_format"])
     u.add_argument("--format", default="table", choices=["table", "csv", "jsonl"],
                    help="table (default): line items and totals; csv / jsonl: every usage record")
     u.add_argument("--session", default=None, help="only this session")

@@ -24,13 +24,14 @@ from ringserve.workers.protocol import GroupCapacity, Progress, SessionInfo
 
 from . import rules
 from .auth import KeyRing, Principal
-from .billing import Ledger, to_money
+from .billing import HOUR_MS, Ledger, to_money
 from .config import ServeConfig
 from .limits import InputLimits, TenantGate
 from .loops import Loops
 from .metrics import metrics, safe
 from .registry import Registry
 from .rules import RpcError
+from .tls import transport_refusal
 from .sessions import Delta, Finished, SessionService, SessionView
 
 log = logging.getLogger("ringserve.gateway")
@@ -72,6 +73,11 @@ class Gateway:
     # ------------------------------------------------------------------------------ plumbing
 
     def _who(self, ctx) -> Principal:
+        """The caller, once its transport is allowed (cluster/tls.py: plaintext from other hosts only when
+        configured so) and its key is known."""
+        why = transport_refusal(self.cfg, ctx) if ctx is not None else None
+        if why:
+            raise RpcError(grpc.StatusCode.PERMISSION_DENIED, why)
         return self.keys.authenticate(ctx.invocation_metadata() if ctx is not None else ())
 
     @staticmethod
@@ -101,9 +107,17 @@ class Gateway:
                        allow_quantized_kv=rec.allow_quantized_kv)
         if rec.state == "lost":
             s.tier = pb.LOST
-        elif info is not None:
+        fmt = info.kv_format if info is not None and rec.state != "lost" else rec.kv_format
+        s.kv_format, s.kv_keep_fraction = rules.kv_format_pb(fmt)
+        if rec.state != "lost" and info is not None:
             s.tier = _tier_pb(info)
-            s.kv_bytes = info.kv_bytes
+            s.kv_bytes, s.exact_kv_bytes, s.stored_kv_bytes = info.kv_bytes, info.exact_bytes, info.stored_bytes
+            if info.tier is not None:  # its price now: the tier's rate for its tokens, times its bytes ratio
+                rates = self.service.rates
+                hour = rates.retention_nanos(rec.retention, info.tier.api, HOUR_MS * rec.size_tokens,
+                                             info.stored_bytes, info.exact_bytes)
+                s.retention_rate = to_money(hour)
+                s.currency = rates.currency
         if u is None:
             return s
         for t, val in u["token_seconds"].items():

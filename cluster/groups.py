@@ -320,6 +320,12 @@ class SequenceParallelGroup:
         g = await self._call(self._ready)
         await self._call(g.set_retention, sid, retention)
 
+    async def set_format(self, sid: str, kv_format: str, keep_fraction: float | None = None) -> SessionInfo:
+        """Store a session in a smaller KV format ("fp8", "int4"), or keep a fraction of its tokens ("keep"),
+        between its requests; FormatError (FAILED_PRECONDITION) for a change upward."""
+        g = await self._call(self._ready)
+        return (await self._call(g.set_format, sid, kv_format, keep_fraction)).with_group(self.group_id)
+
     async def delete(self, sid: str) -> None:
         """Delete at the next step boundary: a request running on the session is ended first."""
         g = await self._call(self._ready)

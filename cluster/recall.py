@@ -169,8 +169,8 @@ class Answer:
     format: str
     text: str
     score: float
-    kv_bytes: int = 0  # the session's stored KV bytes (0 where the runner cannot tell)
-    exact_bytes: int = 0  # what the same tokens take in the model's dtype
+    kv_bytes: int = 0  # its stored tokens' bytes in the session's format, scales included (0: not known)
+    exact_bytes: int = 0  # what its tokens take in the model's dtype
 
 
 @dataclass
@@ -201,7 +201,8 @@ class RemoteRunner:
             out = []
             for q in sample.questions:
                 text = s.generate(q.text, max_tokens=q.max_tokens).text()
-                out.append(Answer(sample, q, fmt, text, score(text, q.references), s.kv_bytes, s.exact_kv_bytes))
+                out.append(Answer(sample, q, fmt, text, score(text, q.references), s.stored_kv_bytes,
+                                  s.exact_kv_bytes))
             return out
         finally:
             s.delete()
@@ -234,13 +235,12 @@ class LocalRunner:
         self._n += 1
         sid = f"recall{self._n}"
         ctx, _ = self.prompt_ids(sample, sample.questions[0])
-        # as the Gateway does: fp8/int4 are written packed from the first chunk; keep thins an exact session
-        self.engine.prefill(sid, ctx, kv_format="exact" if spec.keep_fraction else spec.name)
+        # as the Gateway asks: fp8/int4 are written packed from the first chunk; keep thins the prefilled
+        # context at the end of its create (workers/executor.py)
+        self.engine.prefill(sid, ctx, kv_format=spec.name, keep_fraction=spec.keep_fraction)
         try:
-            if spec.keep_fraction:
-                self.engine.set_format(sid, "keep", spec.keep_fraction)
             g = self.engine.store.geometry
-            nbytes, exact = self.engine.store.state(sid).nbytes, g.pages_for(len(ctx)) * g.page_bytes
+            nbytes, exact = self.engine.store.stored_bytes(sid), len(ctx) * g.token_bytes
             out = []
             for q in sample.questions:
                 _, qids = self.prompt_ids(sample, q)
@@ -311,17 +311,23 @@ def table(records: list[Record]) -> str:
     return "\n".join(lines)
 
 
-def write(out: Path, records: list[Record], config: dict) -> list[Path]:
-    """recall.json and the pictures; returns the files written."""
+def write(out: Path, records: list[Record], config: dict, answers: list[Answer] = ()) -> list[Path]:
+    """recall.json, answers.jsonl (every question's answer and score, to read what the model said) and
+    the pictures; returns the files written."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
-    files = [out / "recall.json"]
+    files = [out / "recall.json", out / "answers.jsonl"]
     files[0].write_text(json.dumps({"config": config, "records": [
         {k: v for k, v in asdict(r).items() if k != "scores"} for r in records]}, indent=1))
+    files[1].write_text("".join(json.dumps({
+        "task": a.sample.task, "length": a.sample.length, "depth": a.sample.depth, "sample": a.sample.index,
+        "format": a.format, "question": a.question.text, "references": list(a.question.references),
+        "answer": a.text, "score": a.score, "kv_bytes": a.kv_bytes, "exact_bytes": a.exact_bytes}) + "\n"
+        for a in answers))
     formats = sorted({r.format for r in records})
     lengths = sorted({r.length for r in records})
     depths = sorted({r.depth for r in records if r.task != "cwe"}) or [0.5]
@@ -408,14 +414,14 @@ def cmd_recall(args) -> int:
         runner = RemoteRunner(address, args.api_key or os.environ.get("RINGSERVE_API_KEY"))
     t0 = time.perf_counter()
     try:
-        records, _ = run_recall(runner, tasks=tasks, lengths=lengths, depths=depths, formats=formats,
-                                samples=args.samples, count=counter(args.model), seed=args.seed)
+        records, answers = run_recall(runner, tasks=tasks, lengths=lengths, depths=depths, formats=formats,
+                                      samples=args.samples, count=counter(args.model), seed=args.seed)
     finally:
         runner.close()
     config = {"tasks": tasks, "lengths": lengths, "depths": depths, "formats": formats, "samples": args.samples,
               "seed": args.seed, "model": args.model, "where": "local" if args.local else "server",
               "seconds": round(time.perf_counter() - t0, 1)}
     print(table(records))
-    for f in write(Path(args.out), records, config):
+    for f in write(Path(args.out), records, config, answers):
         print(f"wrote {f}")
     return 0

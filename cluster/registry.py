@@ -192,6 +192,7 @@ class SessionRecord:
     persist: str = "on_demote"
     display_name: str = ""
     allow_quantized_kv: bool = False
+    kv_format: str = "exact"  # how its KV is stored: "exact", "fp8", "int4", "keep:<fraction>" (KVFormat)
     state: str = "creating"  # creating | ready | lost
     kv_bytes: int = 0
     version: int = 0  # raised by every write; writes are compare-and-set on it

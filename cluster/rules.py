@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 import grpc
 
 from ringserve.proto.ringserve.v1 import ringserve_pb2 as pb
-from ringserve.workers.protocol import RingserveError, SamplingParams
+from ringserve.workers.protocol import FormatSpecError, KVFormat, RingserveError, SamplingParams
 
 # ------------------------------------------------------------------------------------------------ errors
 
@@ -63,7 +63,10 @@ RETENTION_ENUM = {"hot": pb.HOT, "standard": pb.STANDARD, "cold": pb.COLD}
 PERSIST = {pb.PERSIST_MODE_UNSPECIFIED: "on_demote", pb.ON_DEMOTE: "on_demote", pb.WRITE_THROUGH: "write_through"}
 PERSIST_ENUM = {"on_demote": pb.ON_DEMOTE, "write_through": pb.WRITE_THROUGH}
 FINISH = {"stop": pb.STOP, "length": pb.LENGTH, "context": pb.CONTEXT_FULL, "stop_sequence": pb.STOP_SEQUENCE}
-GROUP_BY = {pb.USAGE_GROUP_BY_UNSPECIFIED: "session", pb.SESSION: "session", pb.TIER: "tier", pb.DAY: "day"}
+GROUP_BY = {pb.USAGE_GROUP_BY_UNSPECIFIED: "session", pb.SESSION: "session", pb.TIER: "tier", pb.DAY: "day",
+            pb.KV_FORMAT: "kv_format"}
+KV_FORMAT = {pb.KV_FORMAT_UNSPECIFIED: "exact", pb.EXACT: "exact", pb.FP8: "fp8", pb.INT4: "int4", pb.KEEP: "keep"}
+KV_FORMAT_ENUM = {v: k for k, v in KV_FORMAT.items() if k}
 EXPORT_FORMAT = {pb.EXPORT_FORMAT_UNSPECIFIED: "jsonl", pb.JSONL: "jsonl", pb.CSV: "csv"}
 
 
@@ -77,7 +80,22 @@ def enum_value(table: dict, value: int, field: str) -> str:
 
 
 _ENUMS = {"retention": "RetentionClass", "persist": "PersistMode", "group_by": "UsageGroupBy",
-          "format": "ExportFormat"}
+          "format": "ExportFormat", "kv_format": "KvFormat", "session.kv_format": "KvFormat"}
+
+
+def kv_format(value: int, keep_fraction: float, field: str = "kv_format") -> KVFormat:
+    """A request's kv_format and kv_keep_fraction as one KVFormat (the fraction goes with KEEP only)."""
+    name = enum_value(KV_FORMAT, value, field)
+    try:
+        return KVFormat(name, keep_fraction if name == "keep" or keep_fraction else None)
+    except FormatSpecError as e:
+        raise invalid(f"{field}: {e}") from None
+
+
+def kv_format_pb(fmt: str) -> tuple[int, float]:
+    """A session's format name ("int4", "keep:0.3") as the Session's kv_format and kv_keep_fraction."""
+    f = KVFormat.parse(fmt)
+    return KV_FORMAT_ENUM[f.name], f.keep_fraction or 0.0
 
 # ------------------------------------------------------------------------------------------------ bounds
 
@@ -234,7 +252,7 @@ def ttl(request, now: float, *, default_s: float, max_s: float) -> float:
     return t
 
 
-UPDATABLE = ("ttl", "expire_time", "retention")
+UPDATABLE = ("ttl", "expire_time", "retention", "kv_format", "kv_keep_fraction")
 
 
 @dataclass(frozen=True)
@@ -243,6 +261,7 @@ class Update:
 
     expire_time: float | None = None  # new absolute expiry
     retention: str | None = None
+    kv_format: KVFormat | None = None  # a smaller format (the group refuses one that is not)
 
 
 def update(request, now: float, *, max_s: float) -> Update:
@@ -250,7 +269,7 @@ def update(request, now: float, *, max_s: float) -> Update:
     exclusive); unknown or repeated paths are INVALID_ARGUMENT."""
     paths = list(request.update_mask.paths)
     if not paths:
-        raise invalid("update_mask is empty: name the fields to change (ttl, expire_time, retention)")
+        raise invalid(f"update_mask is empty: name the fields to change ({', '.join(UPDATABLE)})")
     unknown = [p for p in paths if p not in UPDATABLE]
     if unknown:
         shown = unknown[0][:64]
@@ -273,7 +292,17 @@ def update(request, now: float, *, max_s: float) -> Update:
         expire = at
     if "retention" in paths:
         retention = enum_value(RETENTION, s.retention, "retention")
-    return Update(expire, retention)
+    fmt = None
+    if "kv_format" in paths or "kv_keep_fraction" in paths:
+        # kv_keep_fraction alone means KEEP with that fraction; kv_format KEEP needs the fraction too
+        value = s.kv_format if "kv_format" in paths else pb.KEEP
+        if value == pb.KV_FORMAT_UNSPECIFIED:
+            raise invalid("session.kv_format is unset: name the format to store the session in (FP8, INT4, KEEP)")
+        if value == pb.KEEP and "kv_keep_fraction" not in paths:
+            raise invalid("kv_format KEEP needs kv_keep_fraction in the update_mask too (the fraction of tokens "
+                          "to keep)")
+        fmt = kv_format(value, s.kv_keep_fraction if "kv_keep_fraction" in paths else 0.0, "session.kv_format")
+    return Update(expire, retention, fmt)
 
 
 # ------------------------------------------------------------------------------------------------ generate

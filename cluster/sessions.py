@@ -207,7 +207,8 @@ class SessionService:
             self._settle_create(out, now, info)
         elif out.status == "done" and out.length:
             self.registry.grow(b.session, b.tenant, out.length, b.id if b.reservation else "")
-            self.ledger.resize(b.session, f"size:{out.length}", t=now, tokens=out.length)
+            stored = {"kv_bytes": info.stored_bytes, "exact_bytes": info.exact_bytes} if info is not None else {}
+            self.ledger.resize(b.session, f"size:{out.length}", t=now, tokens=out.length, **stored)
         elif b.reservation:
             self.registry.release(b.tenant, b.id)
         if b.idem:
@@ -232,9 +233,12 @@ class SessionService:
         tier, move = Tier.DEVICE.api, 0
         if info is not None and info.moves:
             tier, move = info.moves[-1].tier.api, info.moves[-1].number
+        stored = {}
+        if info is not None:  # priced by its stored bytes from the start
+            stored = {"kv_format": info.kv_format, "kv_bytes": info.stored_bytes, "exact_bytes": info.exact_bytes}
         # metered from the commit of its creation; then ready (a delete in between closes the interval)
         self.ledger.open(b.session, b.tenant, t=now, tier=tier, tokens=out.length, retention=rec.retention,
-                         group=rec.group, move=move)
+                         group=rec.group, move=move, **stored)
 
         def ready(r: SessionRecord):
             if r.state == "creating":
@@ -312,11 +316,13 @@ class SessionService:
         persist = rules.enum_value(rules.PERSIST, request.persist, "persist")
         name = rules.display_name(request.display_name)
         rid = rules.request_id(request.request_id)
+        fmt = rules.kv_format(request.kv_format, request.kv_keep_fraction)
         ids = await self.tokenize(c, first=True)
         self.ledger.check_size(len(ids))
         lim.check_add(0, len(ids))
         rec = SessionRecord(new_session_id(), tenant, "", len(ids), now, now + ttl, now, retention=retention,
-                            persist=persist, display_name=name, allow_quantized_kv=request.allow_quantized_kv)
+                            persist=persist, display_name=name, allow_quantized_kv=request.allow_quantized_kv,
+                            kv_format=str(fmt))
         rec.group = await self.pick_group()
         try:
             created = await self.io(self.registry.create, rec, max_sessions=self.cfg.limits.max_sessions,
@@ -331,7 +337,8 @@ class SessionService:
             yield SessionView(created)
             return
         bill = Bill(new_bill_id(), tenant, rec.id, "create")
-        opts = {"retention": retention, "persist": persist, "ttl_s": ttl, "allow_quantized": rec.allow_quantized_kv}
+        opts = {"retention": retention, "persist": persist, "ttl_s": ttl, "allow_quantized": rec.allow_quantized_kv,
+                "kv_format": fmt.name, "keep_fraction": fmt.keep_fraction}
         handle = self.groups[rec.group].options(stream=True)
         info = None
         t0 = time.perf_counter()
@@ -443,7 +450,7 @@ class SessionService:
                 yield ev
         if out.status == "done":
             self._prefilled(len(ids), time.perf_counter() - t0)
-        await self.io(self.settle, out)
+        await self.io(self.settle, out, info=info)
         if out.error is not None:
             raise _own(out.error, sid)
         now = await self.io(self.registry.get, sid)
@@ -612,25 +619,42 @@ class SessionService:
         now = time.time()
         change = rules.update(request, now, max_s=self.cfg.max_ttl_s)
         rec = await self.record(sid, tenant, lost_ok=True)
+        if change.kv_format is not None and rec.state != "ready":
+            raise RpcError(grpc.StatusCode.FAILED_PRECONDITION, f"session {sid} is lost: its KV format cannot change",
+                           sessions=(sid,))
+        info = None
         if rec.state == "ready":
             await self.ensure_held(rec, to="redis")
+            if change.kv_format is not None:  # first: a refused change (upward) changes nothing else
+                f = change.kv_format
+                try:
+                    info = await self.groups[rec.group].set_format.remote(sid, f.name, f.keep_fraction)
+                except Exception as e:  # noqa: BLE001 - the group's refusal, with its status
+                    raise _own(cause(e), sid) from None
             if change.expire_time is not None:
                 await self.groups[rec.group].set_ttl.remote(sid, change.expire_time - now)
             if change.retention is not None:
                 await self.groups[rec.group].set_retention.remote(sid, change.retention)
+        converted = time.time()
 
         def apply(r: SessionRecord):
             if change.expire_time is not None:
                 r.expire_time = change.expire_time
             if change.retention is not None:
                 r.retention = change.retention
+            if info is not None:
+                r.kv_format = info.kv_format
             r.update_time = now
         done = await self.io(self.registry.update, sid, apply)
         if done is None:
             raise RpcError(grpc.StatusCode.NOT_FOUND, f"session {sid} not found", sessions=(sid,))
-        # an extension or a class change closes the billing interval (a new rate may apply)
-        await self.io(self.ledger.set_retention, sid, f"update:{done.version}", t=now, retention=change.retention)
-        return SessionView(done)
+        if info is not None:  # priced by its new bytes from the moment they replaced the old ones
+            await self.io(self.ledger.set_format, sid, f"format:{done.version}", t=converted,
+                          kv_format=info.kv_format, kv_bytes=info.stored_bytes, exact_bytes=info.exact_bytes)
+        if change.expire_time is not None or change.retention is not None:
+            # an extension or a class change closes the billing interval (a new rate may apply)
+            await self.io(self.ledger.set_retention, sid, f"update:{done.version}", t=now, retention=change.retention)
+        return SessionView(done, info)
 
     async def delete(self, tenant: str, sid: str) -> None:
         rec = await self.record(sid, tenant, creating_ok=True, lost_ok=True)  # a delete cancels a create in progress

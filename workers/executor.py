@@ -185,7 +185,8 @@ class StepExecutor:
             expire_at = store.clock() + o["ttl_s"] if o.get("ttl_s") else None
             store.create(req.session, meta=eng._meta(layout), retention=o.get("retention", "standard"),
                          persist=o.get("persist", "on_demote"), expire_at=expire_at,
-                         quantized=bool(o.get("allow_quantized", False)), kv_format=o.get("kv_format", "exact"))
+                         quantized=bool(o.get("allow_quantized", False)),
+                         kv_format="exact" if o.get("kv_format") == "keep" else o.get("kv_format", "exact"))
             mode = "ring"
         else:
             layout = eng._layout(req.session)
@@ -256,9 +257,32 @@ class StepExecutor:
                 self.last_logits[req.id] = logits
             self._close(act)
             self.active.pop(req.id, None)
+            err = self._keep_at_create(req) if req.kind == "create" else None
+            if err is not None:
+                self.eng.drop(req.session)
+                events.append(StepEvent(req.id, "failed", error=err, computed=act.computed))
+                return n
             info = self.describe(req.session) if self.describe else None
             events.append(StepEvent(req.id, "done", info=info, computed=act.computed))
         return n
+
+    def _keep_at_create(self, req: Request) -> RingserveError | None:
+        """A create asked for kv_format "keep": its context is prefilled exactly, then thinned here, in the
+        same step on every rank, before the session is shown to anyone (so no request ever sees it whole).
+        Returns the error every rank agrees on, if any rank could not thin it."""
+        if req.opts.get("kv_format") != "keep":
+            return None
+        try:
+            ticket, err = self._begin_convert(req), None
+        except RingserveError as e:
+            ticket, err = None, e
+        err = self.eng.agree([err])[0]
+        if err is not None:
+            if ticket is not None:
+                self.eng.store.convert_abort(ticket[0])
+            return err
+        self._finish_convert(req, *ticket)
+        return None
 
     # -- decode --------------------------------------------------------------------------------------
 

@@ -166,9 +166,10 @@ class ShardWorker:
             lay = ShardLayout.from_dict(meta["layout"])
             lay.evicted = None
             tokens = lay.local_counts()[self.rank]
-        exact = g.pages_for(tokens) * g.page_bytes  # whole pages of the exact format, as billed
+        # what is priced: its stored tokens in its format against all of its tokens exactly, page slots aside
         return SessionInfo(sid, length, Tier(state.tier) if state.tier else None, state.kind, moves, retention,
-                           state.nbytes, (state.tokens,), state.persisted_tokens, kv_format=fmt, exact_bytes=exact)
+                           state.nbytes, (state.tokens,), state.persisted_tokens, kv_format=fmt,
+                           exact_bytes=tokens * g.token_bytes, stored_bytes=st.stored_bytes(sid))
 
     @ray.method(concurrency_group=CONTROL)
     def sessions(self) -> dict[str, SessionInfo]:
@@ -316,6 +317,7 @@ class WorkerGroup:
         """Rank 0's view of a session with bytes and tokens summed over the ranks."""
         first = infos[0]
         return replace(first, kv_bytes=sum(i.kv_bytes for i in infos), exact_bytes=sum(i.exact_bytes for i in infos),
+                       stored_bytes=sum(i.stored_bytes for i in infos),
                        local_tokens=tuple(t for i in infos for t in i.local_tokens))
 
     def _tick_loop(self) -> None:

@@ -17,7 +17,8 @@ layer (no copy), which is what the paged kernel and the writes use; `encode` / `
 torch codecs (the kernel dequantizes in registers, the same arithmetic).
 
 Bytes per token relative to exact (D = 64, Hkv any): bf16 — fp8 0.53, int4 0.31; fp32 (the CPU) —
-fp8 0.27, int4 0.16. A session is billed by the bytes it occupies (pages), so by its format.
+fp8 0.27, int4 0.16. A session is billed by its tokens' bytes in its format (`token_bytes`), not by
+the unused slots of its pages: capacity counts pages, the price counts tokens.
 """
 
 from __future__ import annotations
@@ -43,24 +44,35 @@ class PageLayout:
     scale_offset: int  # bytes from the page-layer start to the scales
 
 
+def _parts(fmt: str, head_dim: int, dtype: torch.dtype):
+    """(data bytes per token-head, storage dtype, scales per token-head, scale dtype) of a packed format."""
+    if fmt == "fp8":
+        return head_dim, torch.float8_e4m3fn, 1, torch.float32
+    if fmt == "int4":
+        if head_dim % 2:
+            raise ValueError(f"int4 KV needs an even head dim, got {head_dim}")
+        return head_dim // 2, torch.uint8, 4, torch.float16
+    raise ValueError(f"unknown KV format {fmt!r}; formats: {', '.join(FORMATS)}")
+
+
+def token_bytes(fmt: str, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    """Bytes one token's K (or V) of one layer takes in `fmt`, scales included: what a session's stored
+    bytes (and so its price) count, page slots aside."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if fmt == "exact":
+        return kv_heads * head_dim * itemsize
+    data, _, sw, scale_dtype = _parts(fmt, head_dim, dtype)
+    return kv_heads * (data + sw * torch.empty((), dtype=scale_dtype).element_size())
+
+
 def layout(fmt: str, block: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> PageLayout:
     """The page layout of `fmt` for pages of `block` tokens of (kv_heads, head_dim) in `dtype`."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     page = block * kv_heads * head_dim * itemsize  # bytes of one page-layer of K (or V)
     if fmt == "exact":
         return PageLayout(fmt, block, dtype, head_dim, None, 0, page)
-    if fmt == "fp8":
-        data, sdt, sw = head_dim, torch.float8_e4m3fn, 1
-        scale_dtype = torch.float32
-    elif fmt == "int4":
-        if head_dim % 2:
-            raise ValueError(f"int4 KV needs an even head dim, got {head_dim}")
-        data, sdt, sw = head_dim // 2, torch.uint8, 4
-        scale_dtype = torch.float16
-    else:
-        raise ValueError(f"unknown KV format {fmt!r}; formats: {', '.join(FORMATS)}")
-    per_token = kv_heads * (data + sw * torch.empty((), dtype=scale_dtype).element_size())
-    tokens = page // per_token
+    data, sdt, sw, scale_dtype = _parts(fmt, head_dim, dtype)
+    tokens = page // token_bytes(fmt, kv_heads, head_dim, dtype)
     while True:  # the data region ends 4-byte aligned, so the scales can be viewed in place
         off = -(-tokens * kv_heads * data // 4) * 4
         if off + tokens * kv_heads * sw * torch.empty((), dtype=scale_dtype).element_size() <= page:
@@ -115,7 +127,3 @@ def decode(fmt: str, data: torch.Tensor, scales: torch.Tensor | None, dtype: tor
         return dequantize_int4_ref(data, scales, dtype=dtype)
     raise ValueError(f"unknown KV format {fmt!r}")
 
-
-def bytes_ratio(fmt: str, block: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> float:
-    """Pages a format needs per token, relative to exact: what its retention costs relative to exact."""
-    return block / layout(fmt, block, kv_heads, head_dim, dtype).tokens

@@ -299,6 +299,16 @@ class KVStore:
         with self._lock:
             return self._session(session_id, allow_lost=True).lay.format
 
+    def stored_bytes(self, session_id: str) -> int:
+        """Bytes the session's stored tokens take in its format, scales included, its pages' unused slots
+        aside: what its retention is priced by (against its tokens x `geometry.token_bytes`)."""
+        from .kvcodec import token_bytes
+
+        with self._lock:
+            s = self._session(session_id, allow_lost=True)
+            g = self.geometry
+            return s.tokens * 2 * g.layers * token_bytes(s.lay.format, g.kv_heads, g.head_dim, g.dtype)
+
     def convert(self, session_id: str, kv_format: str, keep: torch.Tensor | None = None) -> KVState:
         """Re-encode a session's KV in another format (`convert_begin` + `convert_finish`)."""
         ticket = self.convert_begin(session_id, kv_format, None if keep is None else int(keep.numel()))

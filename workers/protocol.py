@@ -302,7 +302,9 @@ class SessionInfo:
     persisted_tokens: int = 0  # tokens (of rank 0) with a committed copy in Redis
     group: str = ""
     kv_format: str = "exact"  # "exact" | "fp8" | "int4", or "keep:<fraction>" (a thinned exact session)
-    exact_bytes: int = 0  # what the same tokens would occupy in the exact format, over every rank
+    exact_bytes: int = 0  # what its tokens take in the exact format (tokens x bytes per token), over every rank
+    stored_bytes: int = 0  # what its stored tokens take in its format, scales included (kv_bytes less unused
+    # page slots): stored_bytes / exact_bytes prices its retention
 
     def with_group(self, group: str) -> "SessionInfo":
         from dataclasses import replace

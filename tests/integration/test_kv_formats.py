@@ -109,9 +109,11 @@ def test_keep_depends_on_the_context_alone(tiny):
     before = eng.store.state("a").nbytes
     for sid in ("a", "b", "c"):
         eng.set_format(sid, "keep", 0.4)
-    kept = {sid: eng.store.read(sid)[0] for sid in ("a", "b", "c")}
+    eng.prefill("d", ids, kv_format="keep", keep_fraction=0.4)  # thinned at the end of its create
+    kept = {sid: eng.store.read(sid)[0] for sid in ("a", "b", "c", "d")}
     assert eng.store.state("a").tokens == 96 and eng.store.state("a").nbytes < before
     assert torch.equal(kept["a"], kept["b"])  # the same context keeps the same tokens
+    assert torch.equal(kept["a"], kept["d"]) and eng.store.kv_format("d") == "exact"  # asked at create or later
     first = eng.store.read("c")[0]
     assert not torch.equal(first, kept["a"])
     # sinks and the recent window are kept: the first and last stored keys are the session's own
@@ -140,6 +142,9 @@ def _sp_formats(rank, world, spec, ids):
     eng.set_format("k", "keep", 0.5)
     out["keep-tokens"] = eng.store.state("k").tokens
     out["keep"] = eng.append("k", ids[100:104])
+    eng.prefill("k0", ids[:100], kv_format="keep", keep_fraction=0.5)  # every rank thins it in the create's step
+    out["keep-at-create"] = eng.store.read("k0")[0]
+    out["keep-later"] = eng.store.read("k")[0][:, :out["keep-at-create"].shape[1]]
     return out
 
 
@@ -153,3 +158,65 @@ def test_packed_formats_at_sp2_give_the_logits_of_sp1(tiny):
             assert rel_err(r[fmt][0], one[fmt][0]) < 1e-4
     # KEEP chooses per rank among its own tokens: at SP = 2 each rank keeps half of what it holds
     assert sum(r["keep-tokens"] for r in two) >= one["keep-tokens"] - 2
+    for r in [one] + two:  # thinned at create: the tokens later thinning keeps, on every rank
+        assert torch.equal(r["keep-at-create"], r["keep-later"])
+
+
+def test_retention_is_billed_by_stored_bytes(tiny, redis_url):
+    """Two sessions of the same tokens held the same time, EXACT and INT4: their retention costs are in the
+    ratio of their stored bytes, to the nano-unit; a format change reprices from its instant, and usage
+    by KV format and the export show it."""
+    import uuid
+    from fractions import Fraction
+
+    from ringserve.cluster.billing import Ledger, Rates
+
+    _, loaded = tiny
+    ids = loaded.tokenizer.encode(TEXT * 3)[:200]
+    eng = ShardEngine(loaded, prefill_chunk=64, block=16, kv_device_bytes=8 << 20)
+    eng.prefill("e", ids)
+    eng.prefill("q", ids, kv_format="int4")
+    g = eng.store.geometry
+    exact = len(ids) * g.token_bytes
+    kv = {"e": eng.store.stored_bytes("e"), "q": eng.store.stored_bytes("q")}
+    assert kv["e"] == exact and kv["q"] * 128 == exact * 24  # fp32, D = 32: 16 + 4 x 2 bytes per token-head, not 128
+    assert eng.store.state("q").nbytes >= kv["q"]  # whole pages hold them
+
+    now = [1_800_000_000.0 + 1800.25]  # half past an hour: the 1.5 h held spans two hour boundaries
+    rates = Rates(retention={"standard": {"hbm": 4.5}})
+    ledger = Ledger(redis_url, rates, clock=lambda: now[0])
+    tenant, tag = f"t-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex[:8]
+    for sid, fmt in (("e", "exact"), ("q", "int4")):
+        ledger.open(f"{sid}-{tag}", tenant, t=now[0], tier="device", tokens=len(ids), retention="standard",
+                    kv_format=fmt, kv_bytes=kv[sid], exact_bytes=exact)
+    ledger.open(f"x-{tag}", tenant, t=now[0], tier="device", tokens=len(ids), retention="standard",
+                kv_format="exact", kv_bytes=exact, exact_bytes=exact)
+    now[0] += 600.5
+    eng.set_format("e", "int4")  # the third session follows the first's bytes down after 600.5 s
+    ledger.set_format(f"x-{tag}", "format:1", t=now[0], kv_format="int4", kv_bytes=eng.store.stored_bytes("e"),
+                      exact_bytes=exact)
+    now[0] += 4800.0
+    for sid in ("e", "q", "x"):
+        ledger.close(f"{sid}-{tag}", t=now[0])
+
+    recs = ledger.records(tenant, now[0] - 86400, now[0] + 1)
+    by = {sid: [r for r in recs if r["session"] == f"{sid}-{tag}" and r["kind"] == "retention"] for sid in "eqx"}
+    assert [r["token_ms"] for r in by["e"]] == [r["token_ms"] for r in by["q"]] and len(by["e"]) == 3
+    total = {sid: sum(r["nanos"] for r in rs) for sid, rs in by.items()}
+    ratio = Fraction(kv["q"], exact)
+    for re_, rq in zip(by["e"], by["q"]):  # each record: the exact price times the bytes ratio, rounded once
+        assert rq["nanos"] == round(Fraction(re_["token_ms"]) * Fraction("4.5") / 3600 * ratio)
+        assert (rq["kv_format"], rq["stored_kv_bytes"], rq["exact_kv_bytes"]) == ("int4", kv["q"], exact)
+    assert abs(total["q"] - total["e"] * ratio) <= len(by["e"])  # within a nano per record
+    # the converted one: exact until its change, then the int4 price
+    assert [r["kv_format"] for r in by["x"]] == ["exact", "int4", "int4", "int4"]
+    assert total["x"] == round(Fraction(len(ids) * 600_500) * Fraction("4.5") / 3600) + sum(
+        round(Fraction(r["token_ms"]) * Fraction("4.5") / 3600 * ratio) for r in by["x"][1:])
+    u = ledger.usage(tenant, now[0] - 86400, now[0] + 1, "kv_format")
+    lines = {li["key"]: li for li in u["line_items"]}
+    assert set(lines) == {"exact", "int4"}
+    assert lines["exact"]["token_ms"]["hbm"] == len(ids) * (5400_500 + 600_500)
+    csv = "".join(ledger.export(tenant, now[0] - 86400, now[0] + 1, "csv", session=f"q-{tag}"))
+    head, first = csv.splitlines()[:2]
+    row = dict(zip(head.split(","), first.split(",")))
+    assert (row["kv_format"], int(row["stored_kv_bytes"]), int(row["exact_kv_bytes"])) == ("int4", kv["q"], exact)

@@ -117,7 +117,7 @@ class ChatMessages(_message.Message):
     def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ...) -> None: ...
 
 class Session(_message.Message):
-    __slots__ = ("name", "display_name", "tenant", "size_tokens", "tier", "retention", "persist", "create_time", "expire_time", "ttl", "update_time", "group", "kv_bytes", "allow_quantized_kv", "kv_format", "kv_keep_fraction", "exact_kv_bytes", "token_seconds", "cost_accrued", "currency", "billed_through", "retention_cost", "compute_cost", "retention_rate")
+    __slots__ = ("name", "display_name", "tenant", "size_tokens", "tier", "retention", "persist", "create_time", "expire_time", "ttl", "update_time", "group", "kv_bytes", "allow_quantized_kv", "kv_format", "kv_keep_fraction", "exact_kv_bytes", "stored_kv_bytes", "token_seconds", "cost_accrued", "currency", "billed_through", "retention_cost", "compute_cost", "retention_rate")
     class TokenSecondsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -142,6 +142,7 @@ class Session(_message.Message):
     KV_FORMAT_FIELD_NUMBER: _ClassVar[int]
     KV_KEEP_FRACTION_FIELD_NUMBER: _ClassVar[int]
     EXACT_KV_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STORED_KV_BYTES_FIELD_NUMBER: _ClassVar[int]
     TOKEN_SECONDS_FIELD_NUMBER: _ClassVar[int]
     COST_ACCRUED_FIELD_NUMBER: _ClassVar[int]
     CURRENCY_FIELD_NUMBER: _ClassVar[int]
@@ -166,6 +167,7 @@ class Session(_message.Message):
     kv_format: KvFormat
     kv_keep_fraction: float
     exact_kv_bytes: int
+    stored_kv_bytes: int
     token_seconds: _containers.ScalarMap[str, float]
     cost_accrued: float
     currency: str
@@ -173,7 +175,7 @@ class Session(_message.Message):
     retention_cost: float
     compute_cost: float
     retention_rate: float
-    def __init__(self, name: _Optional[str] = ..., display_name: _Optional[str] = ..., tenant: _Optional[str] = ..., size_tokens: _Optional[int] = ..., tier: _Optional[_Union[Tier, str]] = ..., retention: _Optional[_Union[RetentionClass, str]] = ..., persist: _Optional[_Union[PersistMode, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., group: _Optional[str] = ..., kv_bytes: _Optional[int] = ..., allow_quantized_kv: _Optional[bool] = ..., kv_format: _Optional[_Union[KvFormat, str]] = ..., kv_keep_fraction: _Optional[float] = ..., exact_kv_bytes: _Optional[int] = ..., token_seconds: _Optional[_Mapping[str, float]] = ..., cost_accrued: _Optional[float] = ..., currency: _Optional[str] = ..., billed_through: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., retention_cost: _Optional[float] = ..., compute_cost: _Optional[float] = ..., retention_rate: _Optional[float] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., display_name: _Optional[str] = ..., tenant: _Optional[str] = ..., size_tokens: _Optional[int] = ..., tier: _Optional[_Union[Tier, str]] = ..., retention: _Optional[_Union[RetentionClass, str]] = ..., persist: _Optional[_Union[PersistMode, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., group: _Optional[str] = ..., kv_bytes: _Optional[int] = ..., allow_quantized_kv: _Optional[bool] = ..., kv_format: _Optional[_Union[KvFormat, str]] = ..., kv_keep_fraction: _Optional[float] = ..., exact_kv_bytes: _Optional[int] = ..., stored_kv_bytes: _Optional[int] = ..., token_seconds: _Optional[_Mapping[str, float]] = ..., cost_accrued: _Optional[float] = ..., currency: _Optional[str] = ..., billed_through: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., retention_cost: _Optional[float] = ..., compute_cost: _Optional[float] = ..., retention_rate: _Optional[float] = ...) -> None: ...
 
 class CreateSessionRequest(_message.Message):
     __slots__ = ("text", "token_ids", "messages", "ttl", "expire_time", "retention", "persist", "display_name", "allow_quantized_kv", "request_id", "kv_format", "kv_keep_fraction")
