@@ -246,6 +246,8 @@ def _add_client_commands(sub):
     c.add_argument("--retention", default="standard", choices=["hot", "standard", "cold"])
     c.add_argument("--persist", default="on_demote", choices=["on_demote", "write_through"])
     c.add_argument("--name", default="", help="display name")
+    c.add_argument("--kv-format", default="exact",
+                   help="how its KV is stored (and priced): exact, fp8, int4 or keep:<fraction> (default exact)")
     for name, hlp in (("list", "list your sessions"), ("get", "show one session"), ("delete", "delete a session")):
         q = ss.add_parser(name, help=hlp)
         if name != "list":
@@ -253,7 +255,10 @@ def _add_client_commands(sub):
     e = ss.add_parser("extend", help="set a session's time to live from now")
     e.add_argument("session")
     e.add_argument("--ttl", required=True)
-    for q in [c, e] + [ss.choices[n] for n in ("list", "get", "delete")]:
+    f = ss.add_parser("set-format", help="store a session in a smaller KV format (never back up)")
+    f.add_argument("session")
+    f.add_argument("kv_format", help="fp8, int4 or keep:<fraction>")
+    for q in [c, e, f] + [ss.choices[n] for n in ("list", "get", "delete")]:
         _client_args(q)
     s.set_defaults(func=cmd_session)
     a = sub.add_parser("ask", help="ask a question against a session (streams the answer)")
@@ -297,8 +302,8 @@ def _show(s) -> str:
     exp = s.expire_time.strftime("%Y-%m-%d %H:%M:%S UTC") if s.expire_time else "-"
     tok_h = sum(s.token_seconds.values()) / 3600
     cost = f"  {tok_h:,.1f} tok-h  {s.cost_accrued:.6f} {s.currency}" if s.currency else ""
-    return (f"{s.name}  {s.size_tokens:>9} tok  {s.tier:<6} {s.retention:<8} group {s.group or '-':<8} "
-            f"expires {exp}{cost}")
+    return (f"{s.name}  {s.size_tokens:>9} tok  {s.tier:<6} {s.retention:<8} {s.kv_format:<9} "
+            f"group {s.group or '-':<8} expires {exp}{cost}")
 
 
 def cmd_session(args) -> int:
@@ -307,7 +312,7 @@ def cmd_session(args) -> int:
             with open(args.file, encoding="utf-8") as f:
                 text = f.read()
             s = c.create_session(text, ttl=args.ttl, retention=args.retention, persist=args.persist,
-                                 display_name=args.name, progress=True)
+                                 display_name=args.name, kv_format=args.kv_format, progress=True)
             print(_show(s))
         elif args.action == "list":
             for s in c.list_sessions():
@@ -318,6 +323,8 @@ def cmd_session(args) -> int:
             s = c.get_session(args.session)
             s.extend(ttl=args.ttl)
             print(_show(s))
+        elif args.action == "set-format":
+            print(_show(c.get_session(args.session).set_kv_format(args.kv_format)))
         elif args.action == "delete":
             c.get_session(args.session).delete()
             print(f"deleted {args.session}")

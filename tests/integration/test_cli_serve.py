@@ -47,6 +47,10 @@ def test_serve_then_session_ask_status_delete(tmp_path):
         assert name.startswith("sessions/s-")
         r = cli("ask", name, "Ring attention", "--max-tokens", "5", env=env)
         assert r.returncode == 0 and r.stdout.strip(), r.stderr
+        r = cli("session", "set-format", name, "fp8", env=env)  # a smaller form, shown; never back up
+        assert r.returncode == 0 and " fp8 " in r.stdout, r.stdout + r.stderr
+        r = cli("session", "set-format", name, "exact", env=env)
+        assert r.returncode == 2 and "FAILED_PRECONDITION" in r.stderr, r.stderr
         r = cli("status", env=env)
         assert r.returncode == 0 and "group-0" in r.stdout and "1 session(s), 1 metered" in r.stdout, r.stdout + r.stderr
         assert "Redis ok" in r.stdout and "rank 0" in r.stdout and "cpu" in r.stdout, r.stdout
