@@ -63,6 +63,37 @@ def cluster():
     redis.stop()
 
 
+# The default model (SmolLM2-135M, fp32 on CPU): K and V x 30 layers x 3 KV heads x head dim 64 x 4 bytes,
+# held in pages of 256 tokens (GroupConfig.block) on each rank
+BYTES_PER_TOKEN = 2 * 30 * 3 * 64 * 4
+BLOCK = 256
+
+
+def group_handle(gid: str):
+    from ray import serve
+
+    return serve.get_deployment_handle(gid, app_name="ringserve")
+
+
+def holders(sid: str) -> list[str]:
+    """The groups whose ranks hold the session's KV, asked of each group itself (not of the Gateway)."""
+    out = []
+    for gid in ("group-0", "group-1"):
+        try:
+            group_handle(gid).describe.remote(sid).result(timeout_s=60)
+            out.append(gid)
+        except Exception as e:  # noqa: BLE001 - SessionError: not held there
+            assert "not held" in str(e) or "SessionError" in type(e).__name__ + str(e), e
+    return out
+
+
+def exact_kv_bytes(s) -> int:
+    """What the session's pages take on its group's ranks, from the tokens each rank holds."""
+    info = group_handle(s.group).describe.remote(s.id).result(timeout_s=60)
+    assert sum(info.local_tokens) == s.size_tokens and len(info.local_tokens) == 2
+    return sum(-(-t // BLOCK) for t in info.local_tokens) * BLOCK * BYTES_PER_TOKEN
+
+
 @pytest.fixture(scope="module")
 def client(cluster):
     with Client(cluster, api_key=KEY_A, timeout=120) as c:
@@ -79,22 +110,40 @@ def test_walkthrough_create_ask_append_extend_list_delete(client):
     assert all(t == s.size_tokens for _, t in events)
     assert s.tier == "hbm" and s.group.startswith("group-")
 
-    answer = s.generate(QUESTION, max_tokens=16).text()
+    assert client.get_session(s.name).kv_bytes == exact_kv_bytes(s)  # what the group holds, over both ranks
+
+    first = s.generate(QUESTION, max_tokens=16)
+    answer = first.text()
     assert "PINEAPPLE" in answer.upper(), answer
-    g = s.generate("What is the secret password mentioned in the text? Answer with the password only.", max_tokens=16)
-    assert "PINEAPPLE" in g.text().upper()
-    assert g.usage.cached_tokens == s.size_tokens and g.usage.generated_tokens > 0 and g.group == s.group
+    assert first.finish_reason == "length" and first.usage.generated_tokens == 16  # it runs on past the password
+    assert first.usage.cached_tokens == s.size_tokens
+    assert holders(s.id) == [s.group] == [first.group]  # the KV is on the group the request ran on, only there
+    assert s.refresh().size_tokens == events[-1][1]  # a turn not retained leaves the session as it was
 
     before = s.size_tokens
     s.append("Note added later: the backup code is 7391.")
-    assert s.size_tokens > before
+    appended = s.size_tokens - before
+    assert appended > 5
     t = s.generate("What is the backup code in the note? Answer with the code only.", max_tokens=12, retain_turn=True)
     assert "7391" in t.text()
-    assert s.refresh().size_tokens > before + 10  # the retained turn is part of the session now
+    # the model ended its turn on its own: STOP, before max_tokens (the end-of-turn token is not returned)
+    assert t.finish_reason == "stop" and 0 < t.usage.generated_tokens < 12
+    assert t.usage.cached_tokens == before + appended
+    # the retained turn is part of the session now: exactly its prompt, its answer and the end-of-turn token
+    # that ended it (compared with the size right before the turn, so the append above cannot satisfy it)
+    assert s.refresh().size_tokens == before + appended + t.usage.prompt_tokens + t.usage.generated_tokens + 1
+    assert client.get_session(s.name).kv_bytes == exact_kv_bytes(s)
 
     old = s.expire_time
     s.extend(ttl="2h")
     assert (s.expire_time - old).total_seconds() > 3000
+    # UpdateSession's expire_time and retention paths, read back from the server
+    from datetime import datetime, timedelta, timezone
+
+    when = (datetime.now(timezone.utc) + timedelta(hours=3)).replace(microsecond=0)
+    s.extend(expire_time=when)
+    assert s.expire_time == when and client.get_session(s.name).expire_time == when
+    assert s.set_retention("hot").retention == "hot" and client.get_session(s.name).retention == "hot"
     listed = {x.name: x for x in client.list_sessions()}
     assert s.name in listed and listed[s.name].currency == "USD" and listed[s.name].cost_accrued > 0
     s.delete()
@@ -109,10 +158,11 @@ def test_session_affinity_and_spread_by_capacity(client):
         groups = {s.group for s in sessions}
         assert groups == {"group-0", "group-1"}  # new sessions go where most KV capacity is free
         for s in sessions:
+            assert holders(s.id) == [s.group]  # the group the Gateway names holds the KV, the other one does not
             for _ in range(2):
                 g = s.generate("Which code is mentioned?", max_tokens=4)
                 g.text()
-                assert g.group == s.group  # every request runs on the group that holds the KV
+                assert g.group == s.group and g.usage.cached_tokens == s.size_tokens  # run where the KV is
     finally:
         for s in sessions:
             s.delete()
@@ -121,6 +171,8 @@ def test_session_affinity_and_spread_by_capacity(client):
 def test_auth_isolation_and_bad_inputs_get_clear_status_codes(cluster, client):
     s = client.create_session("A short context about gardens and their seasonal flowers.", ttl="1h")
     try:
+        reference = s.generate("Which flowers?", max_tokens=4)
+        reference.text()
         with Client(cluster, api_key=KEY_B) as other:
             with pytest.raises(errors.NotFound):
                 other.get_session(s.name)
@@ -130,6 +182,17 @@ def test_auth_isolation_and_bad_inputs_get_clear_status_codes(cluster, client):
         with Client(cluster, api_key="not-a-key") as bad:
             with pytest.raises(errors.Unauthenticated, match="unknown API key"):
                 list(bad.list_sessions())
+        # malformed authorization headers the SDK never sends, over a raw stub
+        from ringserve.proto.ringserve.v1 import ringserve_pb2 as pb
+        from ringserve.proto.ringserve.v1 import ringserve_pb2_grpc as pb_grpc
+
+        with grpc.insecure_channel(cluster) as ch:
+            stub = pb_grpc.RingServeStub(ch)
+            for header in (f"Basic {KEY_A}", "Bearer ", "Bearer", f"bearer{KEY_A}", KEY_A):
+                with pytest.raises(grpc.RpcError) as e:
+                    stub.GetSession(pb.GetSessionRequest(name=s.name), metadata=[("authorization", header)], timeout=30)
+                assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED and "malformed" in e.value.details(), header
+                assert KEY_A not in e.value.details()  # the key is never echoed
         with Client(cluster, api_key=KEY_B) as other:
             with pytest.raises(errors.PermissionDenied):
                 other.status()
@@ -164,8 +227,10 @@ def test_auth_isolation_and_bad_inputs_get_clear_status_codes(cluster, client):
         assert e.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNKNOWN)
         assert "UTF-8" in e.value.details()
         channel.close()
-        # and the server keeps serving
-        assert s.generate("Which flowers?", max_tokens=4).text() is not None
+        # and the server keeps serving: the same greedy answer as before all of that
+        again = s.generate("Which flowers?", max_tokens=4)
+        again.text()
+        assert again.token_ids == reference.token_ids and len(again.token_ids) == again.usage.generated_tokens > 0
     finally:
         s.delete()
 
@@ -196,19 +261,47 @@ def test_standard_health_check_and_reflection(cluster):
         assert "ringserve.v1.RingServe" in [s.name for s in out.list_services_response.service]
 
 
+def wait_for(cond, timeout: float, what: str, every: float = 0.5):
+    """Poll `cond` until it returns a true value; errors while polling are kept and reported."""
+    deadline, last = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        try:
+            last = cond()
+            if last:
+                return last
+        except Exception as e:  # noqa: BLE001 - e.g. UNAVAILABLE while a replica restarts
+            last = e
+        time.sleep(every)
+    raise AssertionError(f"{what} not within {timeout} s (last: {last!r})")
+
+
 def test_killing_the_group_replica_restores_a_write_through_session(client):
     from ray.util import list_named_actors
 
     s = client.create_session(haystack(20, "The secret password is KIWI-9."), ttl="1h", persist="write_through")
-    first = s.generate(QUESTION, max_tokens=12).text()
-    time.sleep(1.0)  # write-through is asynchronous
+    first = s.generate(QUESTION, max_tokens=12)
+    text = first.text()
+    assert "KIWI" in text.upper() and first.usage.cached_tokens == s.size_tokens
+    h = group_handle(s.group)
+
+    def committed():  # the write-through copy is written asynchronously: wait for its commit, not for time
+        info = h.describe.remote(s.id).result(timeout_s=30)
+        return info.persisted_tokens == info.local_tokens[0] > 0
+    wait_for(committed, 60, "the write-through copy committed to Redis")
+    restores = total(stable_scrape(), "ray_ringserve_session_restores_total")
     victims = [a for a in list_named_actors(all_namespaces=True)
                if f"#{s.group}#" in a["name"] and a["name"].startswith("SERVE_REPLICA")]
     assert victims
     for a in victims:
         ray.kill(ray.get_actor(a["name"], namespace=a["namespace"]), no_restart=False)
+    # the rebuilt group does not hold it until it is restored: the Gateway adopts it into the Redis tier
+    wait_for(lambda: client.get_session(s.name).tier == "redis", 120, "the session adopted from Redis")
+    assert holders(s.id) == [s.group]
     again = s.generate(QUESTION, max_tokens=12)
-    assert again.text() == first  # restored from Redis and answered the same
+    assert again.text() == text and again.usage.cached_tokens == s.size_tokens  # restored whole, same answer
+    assert s.refresh().tier == "hbm" and s.size_tokens == first.usage.cached_tokens  # promoted back, same length
+    wait_for(lambda: total(scrape(), "ray_ringserve_session_restores_total") >= restores + 1, 30,
+             f"a restore counted (before: {restores}; exported: {sorted(scrape())})")
     s.delete()
 
 
@@ -318,37 +411,71 @@ def total(samples, name: str, **labels) -> float:
     return sum(v for lab, v in samples.get(name, []) if all(lab.get(k) == w for k, w in labels.items()))
 
 
+STEADY = ("ray_ringserve_tier_moves_total", "ray_ringserve_tier_move_bytes_total", "ray_ringserve_prefill_tokens_total",
+          "ray_ringserve_time_to_first_token_seconds_count", "ray_ringserve_inter_token_latency_seconds_count",
+          "ray_ringserve_session_restores_total")
+
+
+def stable_scrape(names=STEADY, timeout: float = 30) -> dict:
+    """A scrape after the counters `names` stopped moving (what earlier tests did has been reported:
+    Ray exports every second), so deltas taken from it belong to what follows."""
+    prev = None
+    deadline = time.monotonic() + timeout
+    while True:
+        cur = scrape()
+        key = {n: sorted((tuple(sorted(lab.items())), v) for lab, v in cur.get(n, [])) for n in names}
+        if key == prev or time.monotonic() > deadline:
+            return cur
+        prev = key
+        time.sleep(2.5)
+
+
 def test_metrics_are_exported_after_a_session_is_created_moved_and_billed(client):
+    """Counters are cumulative over the module's cluster: every assertion is on the change across this
+    test's own actions, so what earlier tests did cannot satisfy it."""
+    before = stable_scrape()
     s = client.create_session(haystack(12, "The secret password is PLUM-3."), ttl="1h", retention="cold")
     try:
-        s.generate(QUESTION, max_tokens=4).text()
-        deadline = time.time() + 60
-        want = {"ray_ringserve_tier_moves_total", "ray_ringserve_retention_token_seconds_total",
-                "ray_ringserve_time_to_first_token_seconds_count", "ray_ringserve_prefill_tokens_total",
-                "ray_ringserve_kv_bytes", "ray_ringserve_sessions", "ray_ringserve_inter_token_latency_seconds_count",
-                "ray_ringserve_ring_comm_wait_ratio", "ray_ringserve_tier_move_bytes_total"}
-        samples = {}
-        while time.time() < deadline:
-            if s.refresh().tier == "redis":
-                samples = scrape()
-                if want <= samples.keys() and total(samples, "ray_ringserve_tier_moves_total", to_tier="redis") \
-                        and total(samples, "ray_ringserve_sessions", tier="redis", retention_class="cold"):
-                    break
+        hbm_bytes = client.get_session(s.name).kv_bytes
+        assert hbm_bytes == exact_kv_bytes(s)
+        g = s.generate(QUESTION, max_tokens=4)
+        g.text()
+        n = g.usage.generated_tokens
+        assert n == 4  # the password is longer than 4 tokens: the answer runs to max_tokens
+        wait_for(lambda: s.refresh().tier == "redis", 60, "the cold session demoted to Redis")
+        redis_bytes = s.kv_bytes
+        assert 0 < redis_bytes and s.size_tokens * BYTES_PER_TOKEN <= redis_bytes < hbm_bytes + (1 << 20)
+
+        def delta(name, **labels):
+            return total(scrape(), name, **labels) - total(before, name, **labels)
+        want = {("ray_ringserve_tier_moves_total", (("from_tier", "hbm"), ("to_tier", "redis"))): 2,  # one per rank
+                ("ray_ringserve_prefill_tokens_total", ()): s.size_tokens,
+                ("ray_ringserve_time_to_first_token_seconds_count", ()): 1,
+                ("ray_ringserve_inter_token_latency_seconds_count", ()): n - 1}
+        got = {}
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and got != want:
+            got = {k: delta(k[0], **dict(k[1])) for k in want}
             time.sleep(1.0)
-        missing = want - samples.keys()
-        assert not missing, f"not exported: {sorted(missing)}"
-        assert total(samples, "ray_ringserve_tier_moves_total", from_tier="hbm", to_tier="redis") >= 1
-        assert total(samples, "ray_ringserve_tier_move_bytes_total", to_tier="redis") >= s.kv_bytes / 2
-        assert total(samples, "ray_ringserve_retention_token_seconds_total", tier="hbm") > 0
-        assert total(samples, "ray_ringserve_prefill_tokens_total") >= s.size_tokens
-        assert total(samples, "ray_ringserve_time_to_first_token_seconds_count") >= 1
-        assert total(samples, "ray_ringserve_sessions", tier="redis", retention_class="cold") >= 1
-        ratio = [v for _, v in samples["ray_ringserve_ring_comm_wait_ratio"]]
-        assert all(0 <= v <= 1 for v in ratio)
+        assert got == want, (got, {k[0]: [x for x in before.get(k[0], [])] for k in want})
+        # the bytes the move wrote: this session's KV, as its Redis copy holds it
+        moved = delta("ray_ringserve_tier_move_bytes_total", from_tier="hbm", to_tier="redis")
+        assert moved == redis_bytes or abs(moved - redis_bytes) <= 2 * BLOCK * BYTES_PER_TOKEN, (moved, redis_bytes)
+        assert moved >= s.size_tokens * BYTES_PER_TOKEN
+        # retention accrued over this test's time, and the session is counted in its tier and class now
+        assert delta("ray_ringserve_retention_token_seconds_total", tier="hbm") > 0
+        samples = wait_for(lambda: (lambda x: x if total(x, "ray_ringserve_sessions", tier="redis",
+                                                             retention_class="cold") >= 1 else None)(scrape()),
+                           30, "the cold session counted in Redis")
+        assert total(samples, "ray_ringserve_kv_bytes", tier="redis") >= redis_bytes
+        # the prefill ran on the ring of s.group: its ranks waited on communication for some of the step
+        ratio = [v for lab, v in samples["ray_ringserve_ring_comm_wait_ratio"] if lab.get("group") == s.group]
+        assert ratio and all(0 < v <= 1 for v in ratio), samples["ray_ringserve_ring_comm_wait_ratio"]
         st = client.status()  # the admin view: every rank, its device and KV per tier; billing in step
         assert st.redis_healthy and st.metered_sessions == st.sessions >= 1
         assert sorted(len(g.ranks) for g in st.groups) == [2, 2] and all(r.device == "cpu" for g in st.groups
                                                                             for r in g.ranks)
-        assert sum(r.kv_bytes.get("redis", 0) for g in st.groups for r in g.ranks) > 0
+        mine = next(g for g in st.groups if g.id == s.group)
+        assert sum(r.kv_bytes.get("redis", 0) for r in mine.ranks) == mine.kv_bytes["redis"] >= redis_bytes
     finally:
         s.delete()
