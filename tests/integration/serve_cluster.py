@@ -157,6 +157,11 @@ class Cluster:
         recs = self.compute_records(tenant, sid)
         return sum(r["prefill_tokens"] for r in recs), sum(r["generated_tokens"] for r in recs)
 
+    def redis_client(self):
+        import redis
+
+        return redis.Redis(host="127.0.0.1", port=self.redis.port, socket_timeout=10)
+
     def registry(self):
         from ringserve.cluster.registry import Registry
 
@@ -204,7 +209,9 @@ def generate(c: Cluster, key: str, name: str, text: str = "Tell me more.", *, ti
              **kw) -> tuple[str, list[int], pb.GenerateResponse]:
     """Generate over the raw stub: (text, token ids, last message)."""
     out, ids, last = "", [], None
-    for m in c.stub.Generate(pb.GenerateRequest(name=name, text=text, **kw), metadata=c.md(key), timeout=timeout):
+    if text is not None and not ({"token_ids", "messages"} & kw.keys()):  # one prompt form only
+        kw["text"] = text
+    for m in c.stub.Generate(pb.GenerateRequest(name=name, **kw), metadata=c.md(key), timeout=timeout):
         out += m.text_delta
         ids += list(m.token_ids)
         last = m
