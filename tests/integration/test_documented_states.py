@@ -264,12 +264,10 @@ def test_a_redis_copy_that_fails_its_checksum_is_data_loss_and_shown_lost(cluste
     refused(C.NOT_FOUND, lambda: get(c, s.name))
 
 
-@pytest.mark.xfail(strict=True, reason="code bug (issue 18): SessionService.generate does not mark the record "
-                   "LOST when the group reports KVDataLossError, so every later request is DATA_LOSS again "
-                   "instead of FAILED_PRECONDITION; remove this marker with the fix in cluster/sessions.py")
 def test_after_data_loss_the_session_is_lost_for_every_request(cluster):
     """The proto: DATA_LOSS once, "the session is LOST from then on" (FAILED_PRECONDITION, as for a session
-    lost with its group in test_faults.py)."""
+    lost with its group in test_faults.py). Found failing at 3b371f4 (every later request was DATA_LOSS again:
+    the Gateway did not mark the record LOST); fixed in cluster/sessions.py `SessionService._failed`."""
     c = cluster
     s = corrupted(c, 8)
     try:
