@@ -452,7 +452,7 @@ class SessionService:
             self._prefilled(len(ids), time.perf_counter() - t0)
         await self.io(self.settle, out, info=info)
         if out.error is not None:
-            raise _own(out.error, sid)
+            raise await self._failed(rec, out.error)
         now = await self.io(self.registry.get, sid)
         if now is None:
             raise RpcError(grpc.StatusCode.NOT_FOUND, f"session {sid} was deleted while the append ran", sessions=(sid,))
@@ -558,7 +558,7 @@ class SessionService:
             else:
                 raise
         if out.error is not None:
-            raise _own(out.error, sid)
+            raise await self._failed(rec, out.error)
         cached = rec.size_tokens
         nanos = self.rates.compute_nanos(out.prompt_tokens, cached, out.generated_tokens)
         yield Finished(finish, out.prompt_tokens, cached, out.generated_tokens, nanos, gid)
@@ -709,6 +709,15 @@ class SessionService:
                            f"group has room to load it now ({transient}); retry later", sessions=(rec.id,))
         raise RpcError(grpc.StatusCode.UNAVAILABLE, f"session {rec.id} is kept in Redis but could not be restored "
                        "now (a dependency is unavailable); retry shortly", sessions=(rec.id,))
+
+    async def _failed(self, rec: SessionRecord, error: BaseException) -> BaseException:
+        """The error to raise for a request on the session that failed; a copy of its KV that failed its
+        checks (DATA_LOSS) makes the session LOST first, so every later request says so
+        (FAILED_PRECONDITION) instead of trying the bad copy again."""
+        c = cause(error)
+        if isinstance(c, KVDataLossError):
+            await self.io(self.mark_lost, rec, f"its copy in Redis cannot be used: {c}")
+        return _own(error, rec.id)
 
     def mark_lost(self, rec: SessionRecord, reason: str) -> None:
         """The session's KV is gone: its record says LOST (kept until deleted or expired, so its owner sees
