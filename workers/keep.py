@@ -11,6 +11,10 @@ Expected Attention (Devoto et al.; kvpress's ExpectedAttentionPress), in closed 
     (the log of E[exp(q.k / sqrt(D))]); a softmax over the rank's keys gives each key's expected share;
   * a token's score is that share times the norm of its value, summed over KV heads and layers (one
     kept set per token, the same for every layer, so the storage stays one index);
+  * scores are max-pooled over POOL neighbouring tokens (as SnapKV pools), so what is kept comes in spans:
+    the expected attention of a number written as digit tokens sits on its first digits, and without the
+    pooling the rest were evicted (measured, niah_single at 2K, keep:0.5: the answers were the needle's
+    first digits, 20 %; a 7-token window kept 3–4 digits; 15 kept whole numbers, BENCHMARKS.md §9);
   * the first SINKS positions (attention sinks) and the last RECENT positions are always kept.
 
 Each rank chooses among the tokens it holds (`keep_count` of them, a number every rank can compute for
@@ -30,6 +34,7 @@ from .layout import ShardLayout, positions_of
 SINKS = 4  # attention sinks: the first positions are always kept
 RECENT = 64  # and the last positions of the session
 PROBE = 64  # tokens whose queries stand for the future ones
+POOL = 15  # scores are max-pooled over this many neighbouring tokens before choosing
 
 
 def forced(layout: ShardLayout, rank: int) -> torch.Tensor:
@@ -60,8 +65,10 @@ def expected_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
 
 
 def kept_index(scores: torch.Tensor, must: torch.Tensor, count: int) -> torch.Tensor:
-    """Storage indices to keep, in order: every forced one, then the best scores up to `count`."""
-    s = scores.clone()
+    """Storage indices to keep, in order: every forced one, then the best scores up to `count`. A token's
+    score is first the best of its POOL neighbours' (SnapKV's pooling), so a kept token keeps its span: a
+    number written as digit tokens is kept whole, not cut after its first digits."""
+    s = torch.nn.functional.max_pool1d(scores.float()[None, None], POOL, 1, POOL // 2)[0, 0]
     s[must] = float("inf")
     top = torch.topk(s, count).indices
     return top.sort().values
