@@ -1,5 +1,5 @@
-"""KV formats through the service (SDK over a real gRPC channel, Ray Serve, SP = 2 groups of the default
-model, a real redis-server): chosen at create, lowered by UpdateSession and never raised, priced by stored
+"""KV formats through the service (SDK over a real gRPC channel, Ray Serve, a group of the default model,
+SP = 1 to keep CI short — formats at SP = 2 are checked in test_kv_formats.py —, a real redis-server): chosen at create, lowered by UpdateSession and never raised, priced by stored
 bytes in the Session and the ledger; and `ringserve bench recall` against the server, each answer checked
 against what transformers generates greedily from the same prompt tokens."""
 
@@ -29,7 +29,7 @@ def address():
     cfg = ServeConfig.from_dict({
         "grpc_port": port, "http_port": free_port(), "redis_url": redis.url, "model": "default", "groups": 1,
         "sweep_interval_s": 1.0, "progress_chunk": 1024, "limits": {"max_sessions": 16, "max_tokens": 40000},
-        "group": {"sp": 2, "num_cpus_per_rank": 0.5, "kv_device_bytes": 256 << 20, "kv_host_bytes": 128 << 20,
+        "group": {"sp": 1, "num_cpus_per_rank": 1.0, "kv_device_bytes": 256 << 20, "kv_host_bytes": 128 << 20,
                   "prefill_chunk": 1024, "redis_url": redis.url, "collective_timeout_s": 60, "call_timeout_s": 300},
         "billing": {"meter_interval_s": 1.0},
         "api_keys": [vars(ApiKey.from_plain(KEY, "tenant-f"))],

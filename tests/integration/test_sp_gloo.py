@@ -41,7 +41,7 @@ def test_tiny_model_sp_matches_single_device(tiny_dir, P, chunk):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("P", [2, 4])
+@pytest.mark.parametrize("P", [2])  # P = 4 on the tiny model above (the default model at P = 4: 50 s of CI)
 def test_default_model_sp_matches_single_device(P):
     tok = load_model("default").tokenizer
     msgs = [{"role": "user", "content": "Summarise: " + TEXT[:400]}]
