@@ -64,6 +64,7 @@ class _Running:
     bill: Bill
     seen: int = 0  # tokens streamed to its consumer
     info: SessionInfo | None = None
+    ended: object = None  # the Future of its outcome, once something began to end it (see _end)
 
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024,
@@ -212,7 +213,27 @@ class SequenceParallelGroup:
             yield await self._end(run)
 
     async def _end(self, run: _Running, error: BaseException | None = None) -> Outcome:
-        """Journal the outcome of a request that ended (once: a second call returns the first outcome)."""
+        """Journal the outcome of a request that ended, once: a second call — the stream's own end while the
+        meter pass's `_collect` is ending it, or after — waits for and returns the first one's outcome (it
+        must never see the request as neither in flight nor journaled: a create would be settled failed)."""
+        if run.ended is not None:
+            try:
+                return await asyncio.shield(run.ended)
+            except Exception:  # noqa: BLE001 - the first attempt failed before journaling: this one ends it
+                pass
+        run.ended = asyncio.get_running_loop().create_future()
+        try:
+            out = await self._journal_end(run, error)
+        except BaseException as e:
+            run.ended.set_exception(e if isinstance(e, Exception) else RuntimeError("ending was cancelled"))
+            run.ended.exception()  # retrieved: a failed first attempt is not an unhandled one
+            run.ended = None
+            self.inflight.setdefault(run.bill.id, run)
+            raise
+        run.ended.set_result(out)
+        return out
+
+    async def _journal_end(self, run: _Running, error: BaseException | None) -> Outcome:
         if self.inflight.pop(run.bill.id, None) is None:
             done = self.journal.get(run.bill.id)
             if done is not None:
