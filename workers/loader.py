@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .gguf_file import read_gguf_file
 from .model import ModelConfig, RopeScaling, Transformer, default_dtype
 from .tokenizer import Tokenizer, bpe_from_gguf
 
@@ -368,11 +369,7 @@ _GGUF_PERMUTED = ("llama",)
 
 
 def _gguf_field(reader, key, default=None):
-    f = reader.fields.get(key)
-    if f is None:
-        return default
-    v = f.contents()
-    return v
+    return reader.fields.get(key, default)
 
 
 def unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -389,8 +386,7 @@ def permute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 def _open_gguf(path: Path, *, check_arch: bool = True):
     try:
-        import gguf
-        reader = gguf.GGUFReader(str(path))
+        reader = read_gguf_file(path)
     except (ValueError, OSError) as e:
         raise ModelLoadError(f"{path} is not a readable GGUF file: {e}") from e
     arch = _gguf_field(reader, "general.architecture")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -185,10 +186,43 @@ class Cluster:
         from ray import serve
 
         self.channel.close()
-        serve.shutdown()
-        ray.shutdown()
+        stop_ray()
         self.redis.kill()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def stop_ray() -> None:
+    """End the module's local Ray with everything on it. Serve's own graceful shutdown is skipped (it drains
+    each replica, ~5 s per module): the whole cluster goes with Ray. The driver's Serve client is forgotten
+    so that the next module's serve.start makes a new one on its new cluster."""
+    import ray
+    from ray.serve import context
+
+    ray.shutdown()
+    context._set_global_client(None)
+
+
+@contextmanager
+def local_service(config: dict, *, ray_init: dict | None = None):
+    """ringserve's own app (serve_app.start, as `ringserve serve` runs it) on a fresh local Ray of 2 CPUs with
+    a LocalRedis: `config` is a ServeConfig dict without the ports and Redis URLs, which are filled in here.
+    Yields the gRPC address."""
+    import ray
+
+    from ringserve.cluster.config import ServeConfig
+    from ringserve.cluster.serve_app import LocalRedis, free_port, start
+
+    redis = LocalRedis()
+    port = free_port()
+    cfg = ServeConfig.from_dict({**config, "grpc_port": port, "http_port": free_port(), "redis_url": redis.url,
+                                 "group": {**config.get("group", {}), "redis_url": redis.url}})
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, **(ray_init or {}))
+    try:
+        start(cfg)
+        yield f"localhost:{port}"
+    finally:
+        stop_ray()
+        redis.stop()
 
 
 def create(c: Cluster, key: str, text: str | None = None, *, tokens=None, **kw) -> pb.Session:

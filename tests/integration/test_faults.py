@@ -259,8 +259,9 @@ def test_redis_stopped_during_a_demotion_then_paused(cluster):
     c.redis.stop()
     time.sleep(3)  # idle past the cold threshold: the demotion cannot reach Redis and waits
     c.redis.start()
-    assert get(c, s.name).tier in (pb.HBM, pb.HOST)
     moved = wait_tier(c, s.name, pb.REDIS)
+    # it stayed on the device for the whole outage (the move waited for Redis; it may finish as soon as Redis
+    # is back, before any request could see the HBM tier, so the token-seconds are what show it)
     assert moved.token_seconds["redis"] >= 0 and moved.token_seconds["hbm"] > 3 * s.size_tokens * 0.9
     assert generate(c, KEY, s.name, "Moorings?", max_tokens=2)[2].usage.generated_tokens == 2
     c.redis.pause()  # a hung Redis: UNAVAILABLE within the registry's socket timeout, never INTERNAL

@@ -21,27 +21,18 @@ TEXT = ("The lighthouse keeper wrote in his log that the storm had passed by mid
 
 @pytest.fixture(scope="module")
 def address():
-    from ringserve.cluster.config import ApiKey, ServeConfig
-    from ringserve.cluster.serve_app import LocalRedis, free_port, start
+    from ringserve.cluster.config import ApiKey
+    from serve_cluster import local_service
 
-    redis = LocalRedis()
-    port = free_port()
-    cfg = ServeConfig.from_dict({
-        "grpc_port": port, "http_port": free_port(), "redis_url": redis.url, "model": "default", "groups": 1,
+    with local_service({
+        "model": "default", "groups": 1,
         "sweep_interval_s": 1.0, "progress_chunk": 1024, "limits": {"max_sessions": 16, "max_tokens": 40000},
         "group": {"sp": 1, "num_cpus_per_rank": 1.0, "kv_device_bytes": 256 << 20, "kv_host_bytes": 128 << 20,
-                  "prefill_chunk": 1024, "redis_url": redis.url, "collective_timeout_s": 60, "call_timeout_s": 300},
+                  "prefill_chunk": 1024, "collective_timeout_s": 60, "call_timeout_s": 300},
         "billing": {"meter_interval_s": 1.0},
         "api_keys": [vars(ApiKey.from_plain(KEY, "tenant-f"))],
-    })
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    start(cfg)
-    yield f"localhost:{port}"
-    from ray import serve
-
-    serve.shutdown()
-    ray.shutdown()
-    redis.stop()
+    }) as address:
+        yield address
 
 
 def itemsize(s) -> int:
@@ -132,32 +123,36 @@ def test_update_lowers_the_format_and_never_raises_it(client, address):
             pass
 
 
-def test_bench_recall_over_grpc_measures_the_model(address, tmp_path, capsys):
-    """`ringserve bench recall` against the server at 1K tokens, EXACT, one sample per task: every answer is
-    what transformers generates greedily from the same prompt tokens, scored by substring match."""
-    from transformers import AutoModelForCausalLM
+# Two of the six tasks keep CI short: one question per session, and four questions against one retained
+# session (the contexts of every task are checked in tests/unit/test_recall_tasks.py).
+RECALL_TASKS = ("niah_single", "niah_multiquery")
+RECALL_LENGTH = 512
 
+
+def test_bench_recall_over_grpc_measures_the_model(address, tmp_path, capsys, hf_default_model):
+    """`ringserve bench recall` against the server, EXACT, one sample per task: every answer is what
+    transformers generates greedily from the same prompt tokens, scored by substring match."""
     from ringserve.cluster.cli import main
-    from ringserve.cluster.recall import TASKS, counter, make_sample, score
-    from ringserve.workers.loader import default_model_path, load_tokenizer
+    from ringserve.cluster.recall import counter, make_sample, score
+    from ringserve.workers.loader import load_tokenizer
 
     out = tmp_path / "recall"
-    assert main(["bench", "recall", "--address", address, "--api-key", KEY, "--lengths", "1024", "--depths", "0.5",
-                 "--formats", "exact", "--samples", "1", "--out", str(out)]) == 0
+    assert main(["bench", "recall", "--address", address, "--api-key", KEY, "--lengths", str(RECALL_LENGTH),
+                 "--depths", "0.5", "--formats", "exact", "--samples", "1", "--tasks", ",".join(RECALL_TASKS),
+                 "--out", str(out)]) == 0
     table = capsys.readouterr().out
-    for task in TASKS:
-        assert f"| {task} | 1024 | exact |" in table
+    for task in RECALL_TASKS:
+        assert f"| {task} | {RECALL_LENGTH} | exact |" in table
     rec = json.loads((out / "recall.json").read_text())
-    assert {(r["task"], r["format"]) for r in rec["records"]} == {(t, "exact") for t in TASKS}
+    assert {(r["task"], r["format"]) for r in rec["records"]} == {(t, "exact") for t in RECALL_TASKS}
     assert all(r["bytes_ratio"] == 1.0 for r in rec["records"])
     for png in ["recall_heatmap_exact.png", "recall_vs_bytes.png"]:
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     answers = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
-    assert {a["task"] for a in answers} == set(TASKS)
+    assert {a["task"] for a in answers} == set(RECALL_TASKS) and len(answers) == 1 + 4
 
     tok = load_tokenizer("default")
-    p = default_model_path()
-    hf = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32).eval()
+    hf = hf_default_model
     count = counter("default")
     stop = sorted(tok.stop_ids)
     for a in answers:

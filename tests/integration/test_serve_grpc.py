@@ -34,33 +34,24 @@ def haystack(n_sentences: int, fact: str, seed: int = 3) -> str:
 
 @pytest.fixture(scope="module")
 def cluster():
-    from ray import serve
+    from ringserve.cluster.config import ApiKey
+    from ringserve.cluster.serve_app import free_port
+    from serve_cluster import local_service
 
-    from ringserve.cluster.config import ApiKey, ServeConfig
-    from ringserve.cluster.serve_app import LocalRedis, free_port, start
-
-    redis = LocalRedis()
-    port = free_port()
-    cfg = ServeConfig.from_dict({
-        "grpc_port": port, "http_port": free_port(), "redis_url": redis.url, "model": "default", "groups": 2,
+    global METRICS_PORT
+    METRICS_PORT = free_port()
+    with local_service({
+        "model": "default", "groups": 2,
         "sweep_interval_s": 1.0, "progress_chunk": 1024, "limits": {"max_sessions": 8, "max_tokens": 20000},
         "group": {"sp": 2, "num_cpus_per_rank": 0.25, "kv_device_bytes": 256 << 20, "kv_host_bytes": 256 << 20,
                   "prefill_chunk": 1024,  # a create of ~4K tokens runs several ring chunks, each reporting progress
-                  "redis_url": redis.url, "collective_timeout_s": 60, "call_timeout_s": 300,
+                  "collective_timeout_s": 60, "call_timeout_s": 300,
                   "kv_cold_idle_s": 2.0},  # cold sessions go to Redis after 2 s idle
         "billing": {"meter_interval_s": 1.0, "min_session_tokens": 4, "prefill_per_mtok": 0.5,
                     "cached_per_mtok": 0.05, "generated_per_mtok": 2.0},
         "api_keys": [vars(ApiKey.from_plain(KEY_A, "tenant-a", admin=True)), vars(ApiKey.from_plain(KEY_B, "tenant-b"))],
-    })
-    global METRICS_PORT
-    METRICS_PORT = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=METRICS_PORT,
-             _system_config={"metrics_report_interval_ms": 1000})
-    start(cfg)
-    yield f"localhost:{port}"
-    serve.shutdown()
-    ray.shutdown()
-    redis.stop()
+    }, ray_init={"_metrics_export_port": METRICS_PORT, "_system_config": {"metrics_report_interval_ms": 1000}}) as address:
+        yield address
 
 
 # The default model (SmolLM2-135M, fp32 on CPU): K and V x 30 layers x 3 KV heads x head dim 64 x 4 bytes,

@@ -20,6 +20,10 @@ WORDS = ("the archive holds letters ledgers and maps of the old harbour its ship
          "there and the storms that closed it for weeks at a time").split()
 
 
+CHUNK = 512  # the group's prefill chunk: a long create is several chunks, each a step the scheduler can preempt
+LONG_WORDS = 2500  # a long create: ~2.8K tokens of the default model, 5-6 chunks
+
+
 def text(n_words: int, seed: int) -> str:
     rng = random.Random(seed)
     return " ".join(rng.choice(WORDS) for _ in range(n_words))
@@ -27,26 +31,16 @@ def text(n_words: int, seed: int) -> str:
 
 @pytest.fixture(scope="module")
 def cluster():
-    from ray import serve
+    from ringserve.cluster.config import ApiKey
+    from serve_cluster import local_service
 
-    from ringserve.cluster.config import ApiKey, ServeConfig
-    from ringserve.cluster.serve_app import LocalRedis, free_port, start
-
-    redis = LocalRedis()
-    port = free_port()
-    cfg = ServeConfig.from_dict({
-        "grpc_port": port, "http_port": free_port(), "redis_url": redis.url, "model": "default", "groups": 1,
-        "progress_chunk": 1,
+    with local_service({
+        "model": "default", "groups": 1, "progress_chunk": 1,
         "group": {"sp": 2, "num_cpus_per_rank": 0.25, "kv_device_bytes": 512 << 20, "kv_host_bytes": 256 << 20,
-                  "redis_url": redis.url, "prefill_chunk": 1024, "collective_timeout_s": 60, "call_timeout_s": 300},
+                  "prefill_chunk": CHUNK, "collective_timeout_s": 60, "call_timeout_s": 300},
         "api_keys": [vars(ApiKey.from_plain(KEY, "tenant-s", admin=True))],
-    })
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    start(cfg)
-    yield f"localhost:{port}"
-    serve.shutdown()
-    ray.shutdown()
-    redis.stop()
+    }) as address:
+        yield address
 
 
 @pytest.fixture(scope="module")
@@ -76,9 +70,9 @@ def wait_for(cond, timeout: float, every: float = 0.05):
 
 
 class LongCreate:
-    """A create of >= 6K tokens in a thread, with the time of every progress event."""
+    """A create of several chunks in a thread, with the time of every progress event."""
 
-    def __init__(self, client, words: int = 6000, seed: int = 1):
+    def __init__(self, client, words: int = LONG_WORDS, seed: int = 1):
         self.events, self.error, self.session, self.end = [], None, None, None
         self.t = threading.Thread(target=self._run, args=(client, words, seed), daemon=True)
         self.t.start()
@@ -121,7 +115,7 @@ def test_no_head_of_line_blocking_behind_a_long_create(client, group):
     gen.text()
     create.t.join(300)
     assert create.error is None, create.error
-    assert create.session.size_tokens >= 6000 and t_first < create.end
+    assert create.session.size_tokens >= 4 * CHUNK and t_first < create.end
     assert create.events[-1][1] == create.events[-1][2] == create.session.size_tokens
     sched = capacity(group).scheduler
     assert sched.preemptions >= 1  # the create yielded steps to the short request's prompt
@@ -181,9 +175,9 @@ def test_delete_during_a_create_frees_its_pages_and_bills_only_the_prefill_it_co
     import datetime
 
     free0 = capacity(group).free_kv_bytes
-    create = LongCreate(client, words=6000, seed=7)
+    create = LongCreate(client, seed=7)
     wait_for(lambda: len(create.events) >= 1, 120)
-    creating = [x for x in client.list_sessions() if x.size_tokens >= 6000]
+    creating = [x for x in client.list_sessions() if x.size_tokens >= 4 * CHUNK]
     assert len(creating) == 1 and create.running
     t_delete = datetime.datetime.now(datetime.timezone.utc)
     creating[0].delete()
@@ -194,5 +188,5 @@ def test_delete_during_a_create_frees_its_pages_and_bills_only_the_prefill_it_co
     # the chunks the group prefilled before the delete ended the create are billed (whole chunks: it
     # ended at a step boundary), nothing more, and no retention: it never became a session
     total = client.usage(start=t_delete - datetime.timedelta(minutes=5), session=creating[0].name).total
-    assert 1024 <= total.prefill_tokens < creating[0].size_tokens and total.prefill_tokens % 1024 == 0
+    assert CHUNK <= total.prefill_tokens < creating[0].size_tokens and total.prefill_tokens % CHUNK == 0
     assert total.generated_tokens == 0 and total.retention_cost == 0 and total.compute_cost > 0

@@ -39,11 +39,8 @@ def generate(engine, ids, params, stop_ids=None) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def hf():
-    from transformers import AutoModelForCausalLM
-
-    p = default_model_path()
-    return AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32).eval()
+def hf(hf_default_model):
+    return hf_default_model
 
 
 @pytest.fixture(scope="module")

@@ -76,24 +76,36 @@ def test_core_objects_validate_against_kubernetes_schemas(rendered):
         kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
 
 
-def test_rayservice_validates_against_the_kuberay_crd(rendered):
+@pytest.fixture(scope="module")
+def rayservice_crd():
+    """KubeRay's RayService v1 schema and a validator of it, read once for every value set (the CRD is
+    ~1 MB of YAML: loading and meta-checking it per case cost ~6 s each)."""
     jsonschema = pytest.importorskip("jsonschema")
     path = CRDS / "ray.io_rayservices.yaml"
     if not path.exists():
         pytest.skip(f"KubeRay CRDs not found at {CRDS} (shared/vendor/kuberay-crds is not checked out here; "
                     "point RINGSERVE_KUBERAY_CRDS at a folder holding ray.io_rayservices.yaml)")
-    crd = yaml.safe_load(path.read_text())
+    crd = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     schema = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)
+    return schema, cls(schema)
+
+
+def test_rayservice_validates_against_the_kuberay_crd(rendered, rayservice_crd):
+    import jsonschema
+
+    schema, validator = rayservice_crd
     _, _, docs = rendered
     (rs,) = by_kind(docs, "RayService")
     assert rs["apiVersion"] == "ray.io/v1"
-    jsonschema.validate(rs, schema)
+    validator.validate(rs)
     unknown = list(_unknown_fields(rs, schema))
     assert not unknown, f"fields the CRD does not define (it would accept and ignore them): {unknown}"
     broken = copy.deepcopy(rs)
     broken["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["replicas"] = "three"
     with pytest.raises(jsonschema.ValidationError):  # the schema does bite
-        jsonschema.validate(broken, schema)
+        validator.validate(broken)
 
 
 def _unknown_fields(obj, schema, path="$"):
