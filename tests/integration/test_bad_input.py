@@ -10,6 +10,7 @@ NOT_FOUND / PERMISSION_DENIED, and nothing changes."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -51,7 +52,10 @@ def proxy_peak_mb() -> int:
     """Peak resident memory (VmHWM) of Serve's proxy process, in MiB."""
     import psutil
 
-    pids = [p.pid for p in psutil.process_iter(["cmdline"]) if "ProxyActor" in " ".join(p.info["cmdline"] or ())]
+    me = os.getpid()  # the proxy of this module's cluster: its raylet is a child of this process (another
+    # pytest worker may run a cluster of its own at the same time)
+    pids = [p.pid for p in psutil.process_iter(["cmdline"]) if "ProxyActor" in " ".join(p.info["cmdline"] or ())
+            and me in {a.pid for a in p.parents()}]
     assert len(pids) == 1, pids
     with open(f"/proc/{pids[0]}/status") as f:
         return next(int(line.split()[1]) // 1024 for line in f if line.startswith("VmHWM"))
