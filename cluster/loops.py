@@ -56,6 +56,8 @@ class Loops:
     def sweep(self, now: float | None = None) -> int:
         n = 0
         for rec in self.svc.registry.expired(time.time() if now is None else now):
+            if rec.state == "creating":  # its expiry is set when it becomes ready (a dead create: reconciliation)
+                continue
             self.svc.delete_now(rec, rec.expire_time)
             n += 1
         return n

@@ -198,6 +198,7 @@ class SessionRecord:
     version: int = 0  # raised by every write; writes are compare-and-set on it
     lost: str = ""  # state "lost": why (its KV is gone: no copy in Redis, or the copy failed its checks)
     request_key: str = ""  # the idempotency key of its create, freed if the create never finishes
+    ttl_s: float = 0.0  # created with a ttl (or the default): expire_time = ready + ttl_s; 0: an absolute expire_time
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

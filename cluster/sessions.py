@@ -170,7 +170,7 @@ class SessionService:
         rec = await self.io(self.registry.get, sid)
         if rec is None or rec.tenant != tenant:  # another tenant's session does not exist for you
             raise RpcError(grpc.StatusCode.NOT_FOUND, f"session {sid} not found", sessions=(sid,))
-        if rec.expire_time <= time.time():
+        if rec.expire_time <= time.time() and rec.state != "creating":  # a create in flight expires once ready
             await self.io(self.delete_now, rec, rec.expire_time)
             raise RpcError(grpc.StatusCode.NOT_FOUND, f"session {rec.id} expired at "
                            f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(rec.expire_time))} and was deleted",
@@ -243,6 +243,8 @@ class SessionService:
         def ready(r: SessionRecord):
             if r.state == "creating":
                 r.state, r.update_time, r.size_tokens = "ready", now, max(r.size_tokens, out.length)
+                if r.ttl_s:
+                    r.expire_time = now + r.ttl_s
         if self.registry.update(b.session, ready) is None:
             self.ledger.close(b.session, t=now)
             self._drop(b.session, [rec.group])
@@ -320,9 +322,12 @@ class SessionService:
         ids = await self.tokenize(c, first=True)
         self.ledger.check_size(len(ids))
         lim.check_add(0, len(ids))
+        # a ttl counts from the moment the session is ready (settle), not from this request: a long prefill
+        # never eats its lifetime; an absolute expire_time stays as given
         rec = SessionRecord(new_session_id(), tenant, "", len(ids), now, now + ttl, now, retention=retention,
                             persist=persist, display_name=name, allow_quantized_kv=request.allow_quantized_kv,
-                            kv_format=str(fmt))
+                            kv_format=str(fmt),
+                            ttl_s=0.0 if request.WhichOneof("expiration") == "expire_time" else ttl)
         rec.group = await self.pick_group()
         try:
             created = await self.io(self.registry.create, rec, max_sessions=self.cfg.limits.max_sessions,

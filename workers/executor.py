@@ -182,9 +182,9 @@ class StepExecutor:
             eng.limit.check_add(0, n)
             layout = ShardLayout(eng.world, eng.block)
             o = req.opts
-            expire_at = store.clock() + o["ttl_s"] if o.get("ttl_s") else None
+            # no expiry while it is being created: its ttl counts from the moment it is ready (_ready)
             store.create(req.session, meta=eng._meta(layout), retention=o.get("retention", "standard"),
-                         persist=o.get("persist", "on_demote"), expire_at=expire_at,
+                         persist=o.get("persist", "on_demote"), expire_at=None,
                          quantized=bool(o.get("allow_quantized", False)),
                          kv_format="exact" if o.get("kv_format") == "keep" else o.get("kv_format", "exact"))
             mode = "ring"
@@ -262,6 +262,9 @@ class StepExecutor:
                 self.eng.drop(req.session)
                 events.append(StepEvent(req.id, "failed", error=err, computed=act.computed))
                 return n
+            if req.kind == "create" and req.opts.get("ttl_s"):
+                store = self.eng.store  # its ttl starts now that it is ready (the Gateway's record does the same)
+                store.set_expiry(req.session, store.clock() + req.opts["ttl_s"])
             info = self.describe(req.session) if self.describe else None
             events.append(StepEvent(req.id, "done", info=info, computed=act.computed))
         return n

@@ -190,3 +190,20 @@ def test_delete_during_a_create_frees_its_pages_and_bills_only_the_prefill_it_co
     total = client.usage(start=t_delete - datetime.timedelta(minutes=5), session=creating[0].name).total
     assert CHUNK <= total.prefill_tokens < creating[0].size_tokens and total.prefill_tokens % CHUNK == 0
     assert total.generated_tokens == 0 and total.retention_cost == 0 and total.compute_cost > 0
+
+
+def test_a_ttl_counts_from_the_moment_the_session_is_ready(client, group):
+    """A create whose prefill outlasts its ttl is not expired half way (neither by the Gateway's sweep nor by
+    the group's own tier policy): it becomes ready and then lives its whole ttl."""
+    ttl = 2
+    t0 = time.time()
+    s = client.create_session(text(LONG_WORDS, 11), ttl=ttl)  # 5-6 chunks of the default model: longer than 2 s
+    t_ready = time.time()
+    assert t_ready - t0 > ttl, "the create was faster than its ttl: this test shows nothing"
+    expire = s.expire_time.timestamp()
+    assert t_ready - 1.0 <= expire - ttl <= t_ready  # ready (within the response's latency) + ttl
+    assert client.get_session(s.name).expire_time == s.expire_time  # the record says the same
+    # then the sweep deletes it, and its pages go back to the group
+    wait_for(lambda: all(x.name != s.name for x in client.list_sessions()), 20)
+    with pytest.raises(errors.NotFound):
+        client.get_session(s.name)
