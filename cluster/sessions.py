@@ -299,9 +299,7 @@ class SessionService:
             # the client went away: end the group's request too. Serve cancels a child request only when
             # the handler's task is cancelled; a handler generator that is closed instead (GeneratorExit)
             # would leave the group computing the whole answer for no one
-            cancel = getattr(stream, "cancel", None)
-            if cancel is not None:
-                cancel()
+            stream.cancel()
             self._settle_after(gid, bill)
             raise
         except Exception as e:  # noqa: BLE001

@@ -144,11 +144,12 @@ def read_gguf_file(path: str | Path) -> GGUFFile:
     return GGUFFile(str(path), version, fields, tuple(tensors))
 
 
+# element type name -> numpy dtype; every other type is stored as blocks of bytes
+_ELEMENTS = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I8": np.int8, "I16": np.int16,
+             "I32": np.int32, "I64": np.int64}
+
+
 def _element_dtype(qt) -> np.dtype | None:
     """The numpy dtype of an element type's values; None for the types stored as blocks of bytes."""
-    import gguf
-
-    T = gguf.GGMLQuantizationType
-    table = {T.F32: np.float32, T.F16: np.float16, T.F64: np.float64, T.I8: np.int8, T.I16: np.int16,
-             T.I32: np.int32, T.I64: np.int64}
-    return np.dtype(table[qt]).newbyteorder("<") if qt in table else None
+    dt = _ELEMENTS.get(qt.name)
+    return np.dtype(dt).newbyteorder("<") if dt is not None else None

@@ -182,9 +182,6 @@ class Cluster:
         raise AssertionError(f"{what} not within {timeout} s (last: {last!r})")
 
     def close(self):
-        import ray
-        from ray import serve
-
         self.channel.close()
         stop_ray()
         self.redis.kill()

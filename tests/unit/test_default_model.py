@@ -39,11 +39,6 @@ def generate(engine, ids, params, stop_ids=None) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def hf(hf_default_model):
-    return hf_default_model
-
-
-@pytest.fixture(scope="module")
 def hf_tok():
     from transformers import AutoTokenizer
 
@@ -57,7 +52,8 @@ def test_config_read_from_gguf(ours):
     assert c.rope_theta == 100000.0 and c.max_position_embeddings == 8192 and c.tie_word_embeddings
 
 
-def test_logits_and_greedy_tokens_match_transformers(ours, hf):
+def test_logits_and_greedy_tokens_match_transformers(ours, hf_default_model):
+    hf = hf_default_model
     msgs = [{"role": "user", "content": "Write two sentences about the ocean and why tides happen."}]
     ids = ours.tokenizer.encode_chat(msgs)
     logits = model_logits(ours, ids)
