@@ -207,3 +207,37 @@ def test_a_ttl_counts_from_the_moment_the_session_is_ready(client, group):
     wait_for(lambda: all(x.name != s.name for x in client.list_sessions()), 20)
     with pytest.raises(errors.NotFound):
         client.get_session(s.name)
+
+
+def test_sessions_at_once_with_a_bad_request_among_them(client, group):
+    """Four sessions answer at once, through the gRPC service, exactly as they answer one at a time, while a
+    fifth request among them (a prompt past the model's context limit) is refused alone; the group stays whole."""
+    sessions = [client.create_session(text(80, 20 + i), ttl="1h") for i in range(5)]
+    q = "Name one place from the text. Answer briefly."
+    alone = {i: sessions[i].generate(q, max_tokens=10).text() for i in range(4)}  # one at a time, greedy
+    before = capacity(group)
+    together, refused = {}, []
+
+    def good(i):
+        together[i] = sessions[i].generate(q, max_tokens=10).text()
+
+    def bad():
+        try:
+            sessions[4].generate(text(9000, 99), max_tokens=4).text()  # ~10K tokens: past the 8K context
+        except errors.RingServeError as e:
+            refused.append(e)
+
+    threads = [threading.Thread(target=good, args=(i,)) for i in range(4)] + [threading.Thread(target=bad)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert together == alone
+    assert len(refused) == 1 and isinstance(refused[0], errors.FailedPrecondition), refused
+    assert "context" in str(refused[0]).lower()
+    after = capacity(group)
+    assert after.healthy and after.rebuilds == before.rebuilds
+    g = sessions[4].generate(q, max_tokens=3)  # the refused request's session still answers
+    assert g.text() and g.usage.cached_tokens == sessions[4].size_tokens
+    for s in sessions:
+        s.delete()
